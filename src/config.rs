@@ -1,0 +1,368 @@
+//! Configuration: one TOML file (`config.toml` documents every key) overridden by
+//! environment variables `ANATOMY_<SECTION>__<KEY>` (e.g. `ANATOMY_DICOM__PORT=11112`).
+//!
+//! Every key has a safe default, so the node also runs with no file at all.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}: {source}")]
+    Load {
+        path: String,
+        #[source]
+        source: config::ConfigError,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub dicom: DicomConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub series: SeriesConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DicomConfig {
+    pub ae_title: String,
+    pub bind: IpAddr,
+    pub port: u16,
+    pub max_associations: usize,
+    pub max_pdu_length: u32,
+    pub artim_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub shutdown_grace_secs: u64,
+    pub allow_any_peer: bool,
+    pub allowed_peers: PeerList,
+}
+
+impl Default for DicomConfig {
+    fn default() -> Self {
+        Self {
+            ae_title: "ANATOMY".into(),
+            bind: IpAddr::from([0, 0, 0, 0]),
+            port: 11112,
+            max_associations: 16,
+            max_pdu_length: 262_144,
+            artim_timeout_secs: 30,
+            idle_timeout_secs: 120,
+            shutdown_grace_secs: 30,
+            allow_any_peer: false,
+            allowed_peers: PeerList::default(),
+        }
+    }
+}
+
+/// One calling AE title allowed to open associations, optionally only from one address.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowedPeer {
+    pub ae_title: String,
+    #[serde(default)]
+    pub host: Option<IpAddr>,
+}
+
+impl AllowedPeer {
+    /// `AE` or `AE@address`, the form used in environment variables.
+    fn parse(text: &str) -> Result<Self, String> {
+        let (ae, host) = match text.split_once('@') {
+            Some((ae, host)) => {
+                let ip = host
+                    .trim()
+                    .parse::<IpAddr>()
+                    .map_err(|e| format!("peer {text:?}: address {host:?}: {e}"))?;
+                (ae, Some(ip))
+            }
+            None => (text, None),
+        };
+        Ok(Self {
+            ae_title: ae.trim().to_string(),
+            host,
+        })
+    }
+}
+
+/// The allow-list of calling AEs: a TOML array of tables, or (for environment
+/// variables) a comma-separated string such as `"PACS@10.0.0.5,STORESCU"`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerList(pub Vec<AllowedPeer>);
+
+impl<'de> Deserialize<'de> for PeerList {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            List(Vec<AllowedPeer>),
+            Text(String),
+        }
+        match Form::deserialize(deserializer)? {
+            Form::List(peers) => Ok(PeerList(peers)),
+            Form::Text(text) => text
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(AllowedPeer::parse)
+                .collect::<Result<Vec<_>, _>>()
+                .map(PeerList)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    pub bind: IpAddr,
+    pub port: u16,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bind: IpAddr::from([127, 0, 0, 1]),
+            port: 8042,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DuplicatePolicy {
+    /// Keep the stored instance; a resend with identical content is a success, different
+    /// content is logged, counted and dropped (the sender still gets success).
+    KeepFirst,
+    /// Replace the stored instance with the new one (atomically).
+    Overwrite,
+    /// Refuse different content with status 0111 (duplicate SOP instance).
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub path: PathBuf,
+    pub duplicates: DuplicatePolicy,
+    pub min_free_mb: u64,
+    pub fsync: bool,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("data"),
+            duplicates: DuplicatePolicy::KeepFirst,
+            min_free_mb: 64,
+            fsync: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub max_connections: u32,
+    pub batch_max: usize,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            max_connections: 8,
+            batch_max: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SeriesConfig {
+    pub stable_after_secs: u64,
+    pub check_interval_ms: u64,
+}
+
+impl Default for SeriesConfig {
+    fn default() -> Self {
+        Self {
+            stable_after_secs: 10,
+            check_interval_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Load `path` (when given) and the environment, then resolve relative paths against
+    /// the directory of the file so the node behaves the same from any working directory.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = path {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("ANATOMY")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let shown = path.map_or_else(|| "(defaults)".to_string(), |p| p.display().to_string());
+        let mut cfg: Config =
+            builder
+                .build()
+                .and_then(|c| c.try_deserialize())
+                .map_err(|source| ConfigError::Load {
+                    path: shown,
+                    source,
+                })?;
+        let base = path
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        cfg.resolve_paths(&base);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if self.storage.path.is_relative() {
+            self.storage.path = base.join(&self.storage.path);
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ae = &self.dicom.ae_title;
+        if ae.trim().is_empty() || ae.len() > 16 || !ae.chars().all(is_ae_char) {
+            return Err(ConfigError::Invalid(format!(
+                "dicom.ae_title {ae:?} must be 1-16 printable ASCII characters without backslash"
+            )));
+        }
+        for peer in &self.dicom.allowed_peers.0 {
+            let t = &peer.ae_title;
+            if t.trim().is_empty() || t.len() > 16 || !t.chars().all(is_ae_char) {
+                return Err(ConfigError::Invalid(format!(
+                    "dicom.allowed_peers: AE title {t:?} must be 1-16 printable ASCII characters"
+                )));
+            }
+        }
+        if self.dicom.max_associations == 0 {
+            return Err(ConfigError::Invalid(
+                "dicom.max_associations must be at least 1".into(),
+            ));
+        }
+        if !(4096..=16 * 1024 * 1024).contains(&self.dicom.max_pdu_length) {
+            return Err(ConfigError::Invalid(
+                "dicom.max_pdu_length must be between 4096 and 16777216".into(),
+            ));
+        }
+        if self.database.batch_max == 0 {
+            return Err(ConfigError::Invalid(
+                "database.batch_max must be at least 1".into(),
+            ));
+        }
+        let url = &self.database.url;
+        if !(url.is_empty()
+            || url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::Invalid(format!(
+                "database.url must be empty (SQLite in the storage directory), sqlite:... or postgres://..., not {url:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The database URL, defaulting to an SQLite file inside the storage directory.
+    pub fn database_url(&self) -> String {
+        if self.database.url.is_empty() {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.storage.path.join("index.sqlite3").display()
+            )
+        } else {
+            self.database.url.clone()
+        }
+    }
+}
+
+fn is_ae_char(c: char) -> bool {
+    c.is_ascii() && !c.is_ascii_control() && c != '\\'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_list_accepts_text_form() {
+        let list: PeerList =
+            serde_json::from_str(r#""PACS@10.0.0.5, STORESCU""#).expect("valid peer list");
+        assert_eq!(
+            list.0,
+            vec![
+                AllowedPeer {
+                    ae_title: "PACS".into(),
+                    host: Some("10.0.0.5".parse().unwrap())
+                },
+                AllowedPeer {
+                    ae_title: "STORESCU".into(),
+                    host: None
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn peer_list_rejects_bad_address() {
+        let err = serde_json::from_str::<PeerList>(r#""PACS@not-an-ip""#).unwrap_err();
+        assert!(err.to_string().contains("not-an-ip"), "{err}");
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let cfg = Config::load(None).expect("defaults load");
+        assert_eq!(cfg.dicom.port, 11112);
+        assert!(cfg.database_url().starts_with("sqlite://"));
+    }
+}

@@ -1,0 +1,463 @@
+//! One association, from A-ASSOCIATE-RQ to release or abort: negotiation, P-DATA
+//! reassembly into DIMSE messages, and dispatch to the services (C-ECHO, C-STORE).
+//!
+//! Command fragments are collected in memory (they are small); data set fragments go
+//! straight to the store's temporary file, so memory stays bounded by the PDU size.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dicom_ul::association::server::ServerAssociationOptions;
+use dicom_ul::association::{Association, AsyncServerAssociation};
+use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use dicom_ul::Pdu;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument, Span};
+
+use super::access::PeerAccess;
+use super::command::{self, Request};
+use super::sop_classes;
+use super::status::Status;
+use super::ServiceContext;
+use crate::store::{IncomingHeader, StoreError, StoreOutcome};
+
+/// Command sets are a few hundred bytes; anything this large is not a command.
+const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
+static ASSOCIATION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Why the loop over PDUs ended, and so how the association is closed.
+enum Ending {
+    Released,
+    PeerAborted,
+    Closed(String),
+    Abort(String),
+}
+
+struct AcceptedContext {
+    abstract_syntax: String,
+    transfer_syntax: String,
+}
+
+/// Accept (or reject) an association on `socket` and serve it to the end.
+pub async fn serve(
+    socket: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ServiceContext>,
+    shutdown: CancellationToken,
+) {
+    let id = ASSOCIATION_IDS.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("association", id, peer = %peer, calling_ae = tracing::field::Empty);
+    async move {
+        let dicom = &ctx.config.dicom;
+        let mut options = ServerAssociationOptions::new()
+            .ae_access_control(PeerAccess::new(
+                dicom.allow_any_peer,
+                ctx.allowed_peers.clone(),
+                peer.ip(),
+            ))
+            .ae_title(dicom.ae_title.clone())
+            .max_pdu_length(dicom.max_pdu_length)
+            .strict(false)
+            .write_timeout(Duration::from_secs(dicom.idle_timeout_secs))
+            .with_abstract_syntax(sop_classes::VERIFICATION);
+        for uid in sop_classes::STORAGE_SOP_CLASSES {
+            options = options.with_abstract_syntax(*uid);
+        }
+        for ts in sop_classes::TRANSFER_SYNTAXES {
+            options = options.with_transfer_syntax(*ts);
+        }
+        let artim = Duration::from_secs(dicom.artim_timeout_secs);
+        let association = match tokio::time::timeout(artim, options.establish_async(socket)).await {
+            Err(_) => {
+                ctx.metrics.association("artim_timeout");
+                warn!("no A-ASSOCIATE-RQ within dicom.artim_timeout_secs; closing");
+                return;
+            }
+            Ok(Err(e)) => {
+                let outcome = rejection_outcome(&e);
+                ctx.metrics.association(&outcome);
+                warn!(error = %e, outcome, "association not established");
+                return;
+            }
+            Ok(Ok(a)) => a,
+        };
+        Span::current().record("calling_ae", association.peer_ae_title());
+        ctx.metrics.association("accepted");
+        ctx.metrics.associations_active.inc();
+        let contexts = accepted_contexts(&association);
+        info!(contexts = contexts.len(), "association accepted");
+        let mut handler = Handler {
+            ctx: ctx.clone(),
+            association,
+            contexts,
+            command_buf: Vec::new(),
+            transfer: None,
+        };
+        let ending = handler.run(&shutdown).await;
+        let Handler { association, .. } = handler;
+        finish(association, ending).await;
+        ctx.metrics.associations_active.dec();
+    }
+    .instrument(span)
+    .await
+}
+
+fn rejection_outcome(e: &dicom_ul::association::Error) -> String {
+    match e {
+        dicom_ul::association::Error::Rejected { association_rj, .. } => {
+            use dicom_ul::pdu::{AssociationRJServiceUserReason as R, AssociationRJSource as S};
+            match &association_rj.source {
+                S::ServiceUser(R::CalledAETitleNotRecognized) => "rejected_called_ae".into(),
+                S::ServiceUser(R::CallingAETitleNotRecognized) => "rejected_calling_ae".into(),
+                _ => "rejected_other".into(),
+            }
+        }
+        _ => "failed".into(),
+    }
+}
+
+fn accepted_contexts(
+    association: &AsyncServerAssociation<TcpStream>,
+) -> HashMap<u8, AcceptedContext> {
+    association
+        .presentation_contexts()
+        .iter()
+        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .map(|pc| {
+            (
+                pc.id,
+                AcceptedContext {
+                    abstract_syntax: pc.abstract_syntax.trim_end_matches(['\0', ' ']).to_string(),
+                    transfer_syntax: pc.transfer_syntax.trim_end_matches(['\0', ' ']).to_string(),
+                },
+            )
+        })
+        .collect()
+}
+
+async fn finish(association: AsyncServerAssociation<TcpStream>, ending: Ending) {
+    match ending {
+        Ending::Released => {
+            // Give the peer a moment to close first (it owns the release), then drop.
+            debug!("association released");
+            let mut association = association;
+            let _ = tokio::time::timeout(Duration::from_secs(1), association.receive()).await;
+        }
+        Ending::PeerAborted => info!("association aborted by the peer"),
+        Ending::Closed(why) => info!(reason = %why, "connection closed"),
+        Ending::Abort(why) => {
+            warn!(reason = %why, "aborting association");
+            let _ = tokio::time::timeout(Duration::from_secs(2), association.abort()).await;
+        }
+    }
+}
+
+struct Handler {
+    ctx: Arc<ServiceContext>,
+    association: AsyncServerAssociation<TcpStream>,
+    contexts: HashMap<u8, AcceptedContext>,
+    command_buf: Vec<u8>,
+    /// The data set of the current request, while its fragments arrive.
+    transfer: Option<DataTransfer>,
+}
+
+impl Handler {
+    async fn run(&mut self, shutdown: &CancellationToken) -> Ending {
+        let idle = Duration::from_secs(self.ctx.config.dicom.idle_timeout_secs);
+        loop {
+            let between_messages = self.transfer.is_none() && self.command_buf.is_empty();
+            if between_messages && shutdown.is_cancelled() {
+                return Ending::Abort("node is shutting down".into());
+            }
+            let received = tokio::select! {
+                _ = shutdown.cancelled(), if between_messages => {
+                    return Ending::Abort("node is shutting down".into());
+                }
+                r = tokio::time::timeout(idle, self.association.receive()) => r,
+            };
+            let pdu = match received {
+                Err(_) => return Ending::Abort("no PDU within dicom.idle_timeout_secs".into()),
+                Ok(Err(e)) => return Ending::Closed(e.to_string()),
+                Ok(Ok(pdu)) => pdu,
+            };
+            match pdu {
+                Pdu::PData { data } => {
+                    for pdv in data {
+                        if let Err(why) = self.on_fragment(pdv).await {
+                            return Ending::Abort(why);
+                        }
+                    }
+                }
+                Pdu::ReleaseRQ => {
+                    if self.transfer.is_some() {
+                        warn!("release requested in the middle of a data set; it is discarded");
+                    }
+                    return match self.association.send(&Pdu::ReleaseRP).await {
+                        Ok(()) => Ending::Released,
+                        Err(e) => Ending::Closed(e.to_string()),
+                    };
+                }
+                Pdu::AbortRQ { .. } => return Ending::PeerAborted,
+                other => {
+                    return Ending::Abort(format!("unexpected PDU {}", other.short_description()));
+                }
+            }
+        }
+    }
+
+    /// One presentation data value. An `Err` is a protocol violation: abort.
+    async fn on_fragment(&mut self, pdv: PDataValue) -> Result<(), String> {
+        let pc_id = pdv.presentation_context_id;
+        if !self.contexts.contains_key(&pc_id) {
+            return Err(format!(
+                "fragment on presentation context {pc_id}, which was not accepted"
+            ));
+        }
+        match pdv.value_type {
+            PDataValueType::Command => {
+                if self.transfer.is_some() {
+                    return Err("command fragment while a data set is still arriving".into());
+                }
+                self.command_buf.extend_from_slice(&pdv.data);
+                if self.command_buf.len() > MAX_COMMAND_BYTES {
+                    return Err("command set larger than 64 KiB".into());
+                }
+                if pdv.is_last {
+                    let bytes = std::mem::take(&mut self.command_buf);
+                    let request = Request::parse(&bytes).map_err(|e| e.to_string())?;
+                    self.on_command(request, pc_id).await?;
+                }
+                Ok(())
+            }
+            PDataValueType::Data => {
+                let Some(transfer) = self.transfer.as_mut() else {
+                    return Err("data fragment without a command that announced it".into());
+                };
+                if transfer.pc_id != pc_id {
+                    return Err(
+                        "data set fragment on another presentation context than its command".into(),
+                    );
+                }
+                transfer.feed(pdv.data, &self.ctx).await;
+                if pdv.is_last {
+                    if let Some(transfer) = self.transfer.take() {
+                        let (request, status) = transfer.finish(&self.ctx).await;
+                        self.respond(pc_id, "C-STORE", &request, &status).await?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_command(&mut self, request: Request, pc_id: u8) -> Result<(), String> {
+        match request.command_field {
+            command::C_ECHO_RQ if !request.has_dataset => {
+                self.respond(pc_id, "C-ECHO", &request, &Status::success())
+                    .await
+            }
+            command::C_STORE_RQ if request.has_dataset => {
+                self.transfer = Some(self.start_store(request, pc_id).await);
+                Ok(())
+            }
+            command::C_CANCEL_RQ => Ok(()), // nothing of ours is cancellable
+            _ => {
+                let status = Status::failure(
+                    Status::UNRECOGNIZED_OPERATION,
+                    format!(
+                        "command 0x{:04X} is not supported here",
+                        request.command_field
+                    ),
+                );
+                if request.has_dataset {
+                    self.transfer = Some(DataTransfer::refused(request, pc_id, status));
+                    Ok(())
+                } else {
+                    self.respond(pc_id, "other", &request, &status).await
+                }
+            }
+        }
+    }
+
+    async fn start_store(&self, request: Request, pc_id: u8) -> DataTransfer {
+        let span = info_span!(
+            "instance",
+            message_id = request.message_id,
+            sop_instance_uid = request.affected_sop_instance_uid.as_deref().unwrap_or(""),
+        );
+        let Some(pc) = self.contexts.get(&pc_id) else {
+            let status = Status::failure(
+                Status::SOP_CLASS_NOT_SUPPORTED,
+                "presentation context not accepted",
+            );
+            return DataTransfer::refused(request, pc_id, status);
+        };
+        let sop_class = request.affected_sop_class_uid.clone().unwrap_or_default();
+        if sop_class != pc.abstract_syntax || !sop_classes::is_storage_class(&sop_class) {
+            let status = Status::failure(
+                Status::SOP_CLASS_NOT_SUPPORTED,
+                format!("SOP class {sop_class} not negotiated on this context"),
+            );
+            return DataTransfer::refused(request, pc_id, status);
+        }
+        let Some(sop_instance_uid) = request
+            .affected_sop_instance_uid
+            .clone()
+            .filter(|u| !u.is_empty())
+        else {
+            let status = Status::failure(
+                Status::CANNOT_UNDERSTAND,
+                "C-STORE-RQ without Affected SOP Instance UID",
+            );
+            return DataTransfer::refused(request, pc_id, status);
+        };
+        let header = IncomingHeader {
+            sop_class_uid: sop_class,
+            sop_instance_uid,
+            transfer_syntax_uid: pc.transfer_syntax.clone(),
+            calling_ae: self.association.peer_ae_title().to_string(),
+        };
+        let started = Instant::now();
+        match self.ctx.store.begin(header).instrument(span.clone()).await {
+            Ok(incoming) => DataTransfer {
+                request,
+                pc_id,
+                incoming: Some(incoming),
+                failure: None,
+                span,
+                started,
+                bytes: 0,
+            },
+            Err(e) => {
+                let status = status_for(&e);
+                warn!(parent: &span, error = %e, "cannot receive the instance");
+                let mut t = DataTransfer::refused(request, pc_id, status);
+                t.span = span;
+                t
+            }
+        }
+    }
+
+    async fn respond(
+        &mut self,
+        pc_id: u8,
+        service: &str,
+        request: &Request,
+        status: &Status,
+    ) -> Result<(), String> {
+        let data = command::encode_response(request, status);
+        self.ctx.metrics.dimse_response(service, status.code);
+        let pdu = Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: pc_id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data,
+            }],
+        };
+        self.association
+            .send(&pdu)
+            .await
+            .map_err(|e| format!("cannot send the {service} response: {e}"))
+    }
+}
+
+/// The data set of one request while it arrives: written to the store, or, once
+/// anything failed, read and discarded so the association stays in step.
+struct DataTransfer {
+    request: Request,
+    pc_id: u8,
+    incoming: Option<crate::store::Incoming>,
+    failure: Option<Status>,
+    span: Span,
+    started: Instant,
+    bytes: u64,
+}
+
+impl DataTransfer {
+    fn refused(request: Request, pc_id: u8, status: Status) -> DataTransfer {
+        DataTransfer {
+            request,
+            pc_id,
+            incoming: None,
+            failure: Some(status),
+            span: Span::none(),
+            started: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    async fn feed(&mut self, data: Vec<u8>, ctx: &ServiceContext) {
+        self.bytes += data.len() as u64;
+        ctx.metrics.bytes_received.inc_by(data.len() as u64);
+        let Some(incoming) = self.incoming.as_mut() else {
+            return;
+        };
+        if let Err(e) = incoming.write(data).instrument(self.span.clone()).await {
+            warn!(parent: &self.span, error = %e, "writing the instance failed; the rest of its data set is discarded");
+            self.failure = Some(status_for(&e));
+            self.incoming = None; // dropping it removes the partial file
+        }
+    }
+
+    async fn finish(mut self, ctx: &ServiceContext) -> (Request, Status) {
+        let status = match (self.failure.take(), self.incoming.take()) {
+            (Some(status), _) => status,
+            (None, None) => Status::failure(Status::OUT_OF_RESOURCES, "instance was not received"),
+            (None, Some(incoming)) => {
+                let commit_started = Instant::now();
+                let result = ctx
+                    .store
+                    .commit(incoming)
+                    .instrument(self.span.clone())
+                    .await;
+                ctx.metrics
+                    .store_seconds
+                    .observe(commit_started.elapsed().as_secs_f64());
+                match result {
+                    Ok(outcome) => {
+                        if outcome == StoreOutcome::KeptFirst {
+                            info!(parent: &self.span, "already stored with other content; kept the first");
+                        }
+                        Status::success()
+                    }
+                    Err(e) => {
+                        warn!(parent: &self.span, error = %e, "instance not stored");
+                        status_for(&e)
+                    }
+                }
+            }
+        };
+        info!(
+            parent: &self.span,
+            status = format_args!("{:04X}", status.code),
+            bytes = self.bytes,
+            ms = self.started.elapsed().as_millis() as u64,
+            "C-STORE"
+        );
+        (self.request, status)
+    }
+}
+
+/// The DIMSE status for a store failure (PS3.4 B.2.3).
+pub fn status_for(e: &StoreError) -> Status {
+    match e {
+        StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            Status::failure(
+                Status::OUT_OF_RESOURCES,
+                "Out of resources: storage is full",
+            )
+        }
+        e if e.is_out_of_resources() => {
+            Status::failure(Status::OUT_OF_RESOURCES, format!("Out of resources: {e}"))
+        }
+        StoreError::DoesNotMatch(why) => Status::failure(Status::DATASET_DOES_NOT_MATCH, why),
+        StoreError::Duplicate(_) => Status::failure(Status::DUPLICATE_SOP_INSTANCE, e.to_string()),
+        _ => Status::failure(Status::CANNOT_UNDERSTAND, e.to_string()),
+    }
+}

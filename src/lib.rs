@@ -1,0 +1,15 @@
+//! anatomy-node: a DICOM node that stores CT series durably, tells which part of the
+//! body each series shows, and routes labelled studies to CAD modules.
+//!
+//! The modules follow an instance from socket to label:
+//! [`dimse`] (associations, C-ECHO, C-STORE) → [`store`] (durable files) →
+//! [`index`] (database) → [`series`] (completion) … and [`web`], [`metrics`] beside them.
+
+pub mod config;
+pub mod dimse;
+pub mod index;
+pub mod metrics;
+pub mod node;
+pub mod series;
+pub mod store;
+pub mod web;

@@ -1,0 +1,102 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use anatomy_node::config::{Config, LogFormat};
+use anatomy_node::node;
+
+#[derive(Parser)]
+#[command(
+    name = "anatomy-node",
+    version,
+    about = "DICOM node that labels the anatomy of CT series"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node: DICOM listener (C-ECHO, C-STORE), HTTP port, series completion.
+    Serve {
+        /// Configuration file (TOML); without it the embedded defaults apply.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Database administration.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Create or upgrade the index schema (serve also does this at start-up).
+    Migrate {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("anatomy-node: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    // dicom-ul's async writer needs the multi-threaded runtime.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Serve { config } => {
+            let config = Config::load(config.as_deref())?;
+            init_logging(&config);
+            runtime.block_on(node::serve(config))
+        }
+        Command::Db {
+            command: DbCommand::Migrate { config },
+        } => {
+            let config = Config::load(config.as_deref())?;
+            init_logging(&config);
+            runtime.block_on(async {
+                let index = node::open_index(&config).await?;
+                index.close().await;
+                println!(
+                    "index schema is up to date ({})",
+                    node::redact(&config.database_url())
+                );
+                Ok(())
+            })
+        }
+    }
+}
+
+/// Structured logs on stderr (stdout stays free for command output). `RUST_LOG` wins
+/// over `log.level`.
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,147 @@
+//! `anatomy-node serve`: wires the stages together and runs them until SIGTERM/SIGINT.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::dimse::listener::Listener;
+use crate::dimse::ServiceContext;
+use crate::index::{Index, IndexWriter};
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::{series, web};
+
+/// Connect to the configured index database and bring its schema up to date.
+pub async fn open_index(config: &Config) -> anyhow::Result<Index> {
+    std::fs::create_dir_all(&config.storage.path)
+        .with_context(|| format!("creating storage.path {}", config.storage.path.display()))?;
+    let url = config.database_url();
+    let index = Index::connect(&url, config.database.max_connections)
+        .await
+        .with_context(|| format!("connecting to the index database ({})", redact(&url)))?;
+    index
+        .migrate()
+        .await
+        .context("migrating the index database")?;
+    Ok(index)
+}
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let index = open_index(&config).await?;
+    let writer = IndexWriter::spawn(index.clone(), config.database.batch_max);
+    let store = Store::open(&config.storage, index.clone(), writer, metrics.clone())
+        .with_context(|| format!("opening storage.path {}", config.storage.path.display()))?;
+    let ctx = Arc::new(ServiceContext {
+        allowed_peers: Arc::new(config.dicom.allowed_peers.0.clone()),
+        config: config.clone(),
+        store: Arc::new(store),
+        metrics: metrics.clone(),
+    });
+    if !config.dicom.allow_any_peer && ctx.allowed_peers.is_empty() {
+        warn!("dicom.allowed_peers is empty and dicom.allow_any_peer is false: every association will be rejected");
+    }
+
+    let shutdown = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let dicom_addr = SocketAddr::new(config.dicom.bind, config.dicom.port);
+    let listener = Listener::bind(dicom_addr, ctx)
+        .await
+        .with_context(|| format!("listening on dicom port {dicom_addr}"))?;
+    info!(addr = %dicom_addr, ae_title = %config.dicom.ae_title, storage = %config.storage.path.display(), "DICOM listener ready");
+
+    let http = if config.http.enabled {
+        let addr = SocketAddr::new(config.http.bind, config.http.port);
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on http port {addr}"))?;
+        info!(%addr, "HTTP port ready (/healthz, /metrics)");
+        let app = web::router(web::WebState {
+            index: index.clone(),
+            metrics: metrics.clone(),
+        });
+        let stop = shutdown.clone();
+        Some(tokio::spawn(async move {
+            let served = axum::serve(tcp, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                warn!(error = %e, "HTTP server stopped");
+            }
+        }))
+    } else {
+        None
+    };
+
+    let completion = tokio::spawn(series::run_completion(
+        config.series.clone(),
+        index.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let accepting = tokio::spawn(listener.run(shutdown.clone(), tasks.clone()));
+
+    wait_for_signal().await?;
+    info!("shutdown requested: no new associations; finishing in-flight C-STOREs");
+    shutdown.cancel();
+    tasks.close();
+    let _ = accepting.await;
+    let grace = Duration::from_secs(config.dicom.shutdown_grace_secs);
+    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+        warn!(
+            open = tasks.len(),
+            "associations still open after dicom.shutdown_grace_secs; exiting anyway"
+        );
+    }
+    let _ = completion.await;
+    if let Some(http) = http {
+        let _ = http.await;
+    }
+    index.close().await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Hide the password of a database URL in messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            super::redact("postgres://node:secret@127.0.0.1/anatomy"),
+            "postgres://node:***@127.0.0.1/anatomy"
+        );
+        assert_eq!(super::redact("sqlite:///x.db"), "sqlite:///x.db");
+    }
+}
