@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod node;
 pub mod series;
 pub mod store;
+pub mod synth;
 pub mod web;

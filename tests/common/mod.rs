@@ -1,0 +1,121 @@
+//! Test support shared by the integration tests: a real node process, real DCMTK peers,
+//! a raw DIMSE SCU for what DCMTK will not send, the test databases and the CT data.
+#![allow(dead_code)]
+
+pub mod data;
+pub mod db;
+pub mod node;
+pub mod scu;
+
+use std::process::{Command, Output};
+
+/// Run a DCMTK tool with Nagle off (Debian's DCMTK leaves it on, which costs 40 ms per
+/// message against delayed ACKs).
+pub fn dcmtk(tool: &str, args: &[&str]) -> Output {
+    Command::new(tool)
+        .args(args)
+        .env("TCP_NODELAY", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {tool} (apt package dcmtk): {e}"))
+}
+
+/// stdout and stderr of a finished process, for assertions and failure messages.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A multi-threaded runtime for the few async calls the tests make (database queries).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Poll `check` until it holds or `secs` pass.
+pub fn wait_until(secs: u64, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    check()
+}
+
+/// Tests that need root (mounting a small filesystem) skip only where that is allowed:
+/// CI sets ANATOMY_REQUIRE_ROOT_TESTS=1 so they can never silently skip there.
+pub fn require_root(test: &str) -> bool {
+    let root = unsafe_free_is_root();
+    if !root {
+        assert!(
+            std::env::var_os("ANATOMY_REQUIRE_ROOT_TESTS").is_none(),
+            "{test} needs root (ANATOMY_REQUIRE_ROOT_TESTS is set)"
+        );
+        eprintln!("SKIPPED {test}: needs root to mount a small filesystem");
+    }
+    root
+}
+
+fn unsafe_free_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// DCMTK's storescp in bit-preserving mode: what it writes is exactly what a sender put on
+/// the wire, so it is the reference for "the node stores what it received, byte for byte"
+/// (storescu itself re-encodes some files, e.g. recomputes group lengths).
+pub struct StoreScp {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl StoreScp {
+    pub fn start(ae_title: &str) -> StoreScp {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let dir = tempfile::tempdir().expect("storescp dir");
+        let child = Command::new("storescp")
+            .env("TCP_NODELAY", "1")
+            .args(["+B", "+xa", "-aet", ae_title, "-od"])
+            .arg(dir.path())
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start storescp (apt package dcmtk)");
+        let up = wait_until(10, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        assert!(up, "storescp did not start");
+        StoreScp { port, dir, child }
+    }
+
+    /// Files received so far, by SOP Instance UID.
+    pub fn received(&self) -> std::collections::HashMap<String, std::path::PathBuf> {
+        std::fs::read_dir(self.dir.path())
+            .expect("storescp dir")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .map(|p| (data::media_storage_sop_instance_uid(&p), p))
+            .collect()
+    }
+}
+
+impl Drop for StoreScp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
