@@ -240,11 +240,17 @@ impl Config {
         if let Some(path) = path {
             builder = builder.add_source(config::File::from(path).required(true));
         }
+        // Only ANATOMY_<SECTION>__<KEY> variables are configuration; other ANATOMY_*
+        // variables (e.g. ANATOMY_CT_DATA used by the tests) are not.
+        let overrides: config::Map<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("ANATOMY_") && k.contains("__"))
+            .collect();
         builder = builder.add_source(
             config::Environment::with_prefix("ANATOMY")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                .source(Some(overrides)),
         );
         let shown = path.map_or_else(|| "(defaults)".to_string(), |p| p.display().to_string());
         let mut cfg: Config =
