@@ -57,7 +57,7 @@ impl SeriesSpec {
 pub fn write_series(
     dir: &Path,
     spec: &SeriesSpec,
-) -> Result<Vec<PathBuf>, dicom_object::WriteError> {
+) -> Result<Vec<PathBuf>, Box<dicom_object::WriteError>> {
     let mut paths = Vec::with_capacity(spec.slices as usize);
     for slice in 0..spec.slices {
         let path = dir.join(format!("slice{:04}.dcm", slice + 1));

@@ -22,10 +22,14 @@ fn echoscu_succeeds() {
 
 /// Files whose SOP Class UID DCMTK cannot read (every element VR UN): storescu refuses
 /// them ("missing SOP class"), so the raw SCU sends them, exactly as stored.
-fn dcmtk_cannot_send(path: &PathBuf) -> bool {
+fn dcmtk_cannot_send(path: &std::path::Path) -> bool {
     dicom_object::open_file(path)
         .ok()
-        .and_then(|o| o.element(tags::SOP_CLASS_UID).ok().map(|e| e.vr() == dicom_core::VR::UN))
+        .and_then(|o| {
+            o.element(tags::SOP_CLASS_UID)
+                .ok()
+                .map(|e| e.vr() == dicom_core::VR::UN)
+        })
         .unwrap_or(false)
 }
 
@@ -36,8 +40,9 @@ fn send_files(node: &Node, files: &[PathBuf]) -> HashMap<String, PathBuf> {
     let reference = StoreScp::start("ANATOMY");
     for (ts, group) in data::by_transfer_syntax(files) {
         let flags = data::storescu_flags_for(&ts);
-        let (raw, dcmtk): (Vec<PathBuf>, Vec<PathBuf>) =
-            group.into_iter().partition(|f| flags.is_none() || dcmtk_cannot_send(f));
+        let (raw, dcmtk): (Vec<PathBuf>, Vec<PathBuf>) = group
+            .into_iter()
+            .partition(|f| flags.is_none() || dcmtk_cannot_send(f));
         for file in &raw {
             send_raw(node, file);
         }
@@ -49,8 +54,15 @@ fn send_files(node: &Node, files: &[PathBuf]) -> HashMap<String, PathBuf> {
         for port in [node.dicom_port, reference.port] {
             let out = storescu(port, flags, &group);
             let log = common::text(&out);
-            assert!(out.status.success(), "storescu ({ts}, {} files) failed:\n{log}", group.len());
-            assert!(!log.contains("E: "), "storescu reported errors ({ts}):\n{log}");
+            assert!(
+                out.status.success(),
+                "storescu ({ts}, {} files) failed:\n{log}",
+                group.len()
+            );
+            assert!(
+                !log.contains("E: "),
+                "storescu reported errors ({ts}):\n{log}"
+            );
         }
     }
     let received = reference.received();
@@ -67,7 +79,7 @@ fn send_files(node: &Node, files: &[PathBuf]) -> HashMap<String, PathBuf> {
 }
 
 /// C-STORE a file's data set exactly as it is in the file.
-fn send_raw(node: &Node, file: &PathBuf) {
+fn send_raw(node: &Node, file: &std::path::Path) {
     let ts = data::transfer_syntax(file);
     let class = data::sop_class(file);
     let uid = data::media_storage_sop_instance_uid(file);
@@ -89,16 +101,30 @@ fn storescu(port: u16, flags: &[&str], files: &[PathBuf]) -> std::process::Outpu
 /// Assert that every file is in the index once, stored with exactly the data set bytes
 /// that were sent: those DCMTK's bit-preserving storescp recorded from the same storescu
 /// run (`reference`), or the file itself where it was sent by the raw SCU.
-fn assert_stored_identically(node: &Node, files: &[(PathBuf, String)], reference: &HashMap<String, PathBuf>) {
+fn assert_stored_identically(
+    node: &Node,
+    files: &[(PathBuf, String)],
+    reference: &HashMap<String, PathBuf>,
+) {
     let index = node.index();
     let mut same_as_source = 0;
     for (file, sop_uid) in files {
         let rows = index.rows(&format!(
             "SELECT file_path, transfer_syntax_uid FROM instances WHERE sop_instance_uid = '{sop_uid}'"
         ));
-        assert_eq!(rows.len(), 1, "{} ({sop_uid}) not indexed once", file.display());
+        assert_eq!(
+            rows.len(),
+            1,
+            "{} ({sop_uid}) not indexed once",
+            file.display()
+        );
         let stored = node.storage().join(&rows[0][0]);
-        assert_eq!(rows[0][1], data::transfer_syntax(file), "{}: transfer syntax changed", file.display());
+        assert_eq!(
+            rows[0][1],
+            data::transfer_syntax(file),
+            "{}: transfer syntax changed",
+            file.display()
+        );
         let stored_bytes = dataset_bytes(&stored);
         let sent = reference.get(sop_uid).unwrap_or(file);
         assert!(
@@ -129,17 +155,35 @@ fn every_real_series_lands_byte_identical() {
     };
     let rows = data::labels(&dir);
     let uids: HashSet<&str> = rows.iter().map(|r| r.sop_uid.as_str()).collect();
-    assert_eq!(uids.len(), rows.len(), "labels.csv lists each instance once");
+    assert_eq!(
+        uids.len(),
+        rows.len(),
+        "labels.csv lists each instance once"
+    );
     let node = Node::start();
     let files: Vec<PathBuf> = rows.iter().map(|r| r.file.clone()).collect();
     let reference = send_files(&node, &files);
     let raw = files.len() - reference.len();
-    let expected: Vec<(PathBuf, String)> = rows.iter().map(|r| (r.file.clone(), r.sop_uid.clone())).collect();
+    let expected: Vec<(PathBuf, String)> = rows
+        .iter()
+        .map(|r| (r.file.clone(), r.sop_uid.clone()))
+        .collect();
     assert_stored_identically(&node, &expected, &reference);
     let index = node.index();
-    let studies = rows.iter().map(|r| r.study_uid.as_str()).collect::<HashSet<_>>().len();
-    let series = rows.iter().map(|r| r.series_uid.as_str()).collect::<HashSet<_>>().len();
-    assert_eq!(index.count("SELECT COUNT(*) FROM studies") as usize, studies);
+    let studies = rows
+        .iter()
+        .map(|r| r.study_uid.as_str())
+        .collect::<HashSet<_>>()
+        .len();
+    let series = rows
+        .iter()
+        .map(|r| r.series_uid.as_str())
+        .collect::<HashSet<_>>()
+        .len();
+    assert_eq!(
+        index.count("SELECT COUNT(*) FROM studies") as usize,
+        studies
+    );
     assert_eq!(index.count("SELECT COUNT(*) FROM series") as usize, series);
     eprintln!(
         "stored {} real instances ({} via the raw SCU) of {series} series on {}",
@@ -182,7 +226,12 @@ fn every_transfer_syntax_lands_byte_identical() {
             // new SOP Instance UIDs, so every variant is its own instance
             let out = common::dcmtk(
                 "dcmodify",
-                &["-nb", "-m", &format!("(0008,0018)={}.{i}.{j}", "2.25.4242"), dst.to_str().unwrap()],
+                &[
+                    "-nb",
+                    "-m",
+                    &format!("(0008,0018)={}.{i}.{j}", "2.25.4242"),
+                    dst.to_str().unwrap(),
+                ],
             );
             assert!(out.status.success(), "{}", common::text(&out));
             assert_eq!(&data::transfer_syntax(&dst), ts, "{tool} {flags:?}");
@@ -195,7 +244,14 @@ fn every_transfer_syntax_lands_byte_identical() {
         .iter()
         .map(|f| {
             let o = dicom_object::open_file(f).unwrap();
-            (f.clone(), o.element(tags::SOP_INSTANCE_UID).unwrap().to_str().unwrap().to_string())
+            (
+                f.clone(),
+                o.element(tags::SOP_INSTANCE_UID)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            )
         })
         .collect();
     assert_stored_identically(&node, &expected, &reference);
@@ -213,8 +269,14 @@ fn four_storescu_processes_at_once_lose_nothing() {
     let mut all = Vec::new();
     let mut children = Vec::new();
     for n in 0..4u32 {
-        let (spec, files) = data::synthetic_series(&work.path().join(format!("s{n}")), 10 + n, 40, 128);
-        all.extend(files.iter().enumerate().map(|(i, f)| (f.clone(), spec.sop_uid(i as u32))));
+        let (spec, files) =
+            data::synthetic_series(&work.path().join(format!("s{n}")), 10 + n, 40, 128);
+        all.extend(
+            files
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (f.clone(), spec.sop_uid(i as u32))),
+        );
         let port = node.dicom_port.to_string();
         children.push(std::thread::spawn(move || {
             Command::new("storescu")

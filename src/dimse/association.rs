@@ -448,14 +448,10 @@ impl DataTransfer {
 pub fn status_for(e: &StoreError) -> Status {
     match e {
         StoreError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-            Status::failure(
-                Status::OUT_OF_RESOURCES,
-                "Out of resources: storage is full",
-            )
+            Status::failure(Status::OUT_OF_RESOURCES, "storage is full")
         }
-        e if e.is_out_of_resources() => {
-            Status::failure(Status::OUT_OF_RESOURCES, format!("Out of resources: {e}"))
-        }
+        e if e.is_out_of_resources() => Status::failure(Status::OUT_OF_RESOURCES, e.to_string()),
+
         StoreError::DoesNotMatch(why) => Status::failure(Status::DATASET_DOES_NOT_MATCH, why),
         StoreError::Duplicate(_) => Status::failure(Status::DUPLICATE_SOP_INSTANCE, e.to_string()),
         _ => Status::failure(Status::CANNOT_UNDERSTAND, e.to_string()),

@@ -43,7 +43,7 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
-    #[error("storage free space {free_mb} MB is below the reserve storage.min_free_mb = {reserve_mb} MB")]
+    #[error("storage.min_free_mb reached ({free_mb} of {reserve_mb} MB free)")]
     BelowReserve { free_mb: u64, reserve_mb: u64 },
     /// The data set cannot be parsed.
     #[error("{0}")]

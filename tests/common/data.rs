@@ -89,9 +89,20 @@ fn meta_string(path: &Path, element: u16) -> String {
         let el = u16::from_le_bytes([bytes[pos + 2], bytes[pos + 3]]);
         let vr = &bytes[pos + 4..pos + 6];
         let (len, header) = if matches!(vr, b"OB" | b"UN" | b"UT" | b"SQ" | b"OW") {
-            (u32::from_le_bytes([bytes[pos + 8], bytes[pos + 9], bytes[pos + 10], bytes[pos + 11]]) as usize, 12)
+            (
+                u32::from_le_bytes([
+                    bytes[pos + 8],
+                    bytes[pos + 9],
+                    bytes[pos + 10],
+                    bytes[pos + 11],
+                ]) as usize,
+                12,
+            )
         } else {
-            (u16::from_le_bytes([bytes[pos + 6], bytes[pos + 7]]) as usize, 8)
+            (
+                u16::from_le_bytes([bytes[pos + 6], bytes[pos + 7]]) as usize,
+                8,
+            )
         };
         if el == element {
             return String::from_utf8_lossy(&bytes[pos + header..pos + header + len])
@@ -100,7 +111,10 @@ fn meta_string(path: &Path, element: u16) -> String {
         }
         pos += header + len;
     }
-    panic!("{}: meta element (0002,{element:04X}) missing", path.display());
+    panic!(
+        "{}: meta element (0002,{element:04X}) missing",
+        path.display()
+    );
 }
 
 /// The storescu flags that make DCMTK send a file in its own transfer syntax (no
@@ -127,13 +141,21 @@ pub fn storescu_flags_for(ts: &str) -> Option<&'static [&'static str]> {
 pub fn by_transfer_syntax(files: &[PathBuf]) -> BTreeMap<String, Vec<PathBuf>> {
     let mut groups: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     for f in files {
-        groups.entry(transfer_syntax(f)).or_default().push(f.clone());
+        groups
+            .entry(transfer_syntax(f))
+            .or_default()
+            .push(f.clone());
     }
     groups
 }
 
 /// A synthetic series written into `dir`.
-pub fn synthetic_series(dir: &Path, number: u32, slices: u32, size: u16) -> (SeriesSpec, Vec<PathBuf>) {
+pub fn synthetic_series(
+    dir: &Path,
+    number: u32,
+    slices: u32,
+    size: u16,
+) -> (SeriesSpec, Vec<PathBuf>) {
     let spec = SeriesSpec::new(number, slices, size);
     fs::create_dir_all(dir).expect("series dir");
     let files = synth::write_series(dir, &spec).expect("write synthetic series");
@@ -147,5 +169,9 @@ pub fn dcmtk_convert(tool: &str, flags: &[&str], src: &Path, dst: &Path) {
     args.push(dst.display().to_string());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = super::dcmtk(tool, &refs);
-    assert!(out.status.success(), "{tool} {flags:?} failed: {}", super::text(&out));
+    assert!(
+        out.status.success(),
+        "{tool} {flags:?} failed: {}",
+        super::text(&out)
+    );
 }

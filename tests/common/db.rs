@@ -35,7 +35,9 @@ impl TestDb {
         );
         super::runtime().block_on(async {
             sqlx::any::install_default_drivers();
-            let pool = AnyPool::connect(&admin).await.expect("connect to PostgreSQL admin URL");
+            let pool = AnyPool::connect(&admin)
+                .await
+                .expect("connect to PostgreSQL admin URL");
             sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
                 .execute(&pool)
                 .await
@@ -46,7 +48,10 @@ impl TestDb {
                 .expect("create test database");
             pool.close().await;
         });
-        let base = admin.rsplit_once('/').map(|(b, _)| b.to_string()).unwrap_or(admin.clone());
+        let base = admin
+            .rsplit_once('/')
+            .map(|(b, _)| b.to_string())
+            .unwrap_or(admin.clone());
         TestDb {
             url: format!("{base}/{name}"),
             admin: Some((admin, name)),
@@ -120,7 +125,10 @@ impl IndexReader {
                         .map(|i| {
                             r.try_get::<Option<String>, _>(i)
                                 .map(|v| v.unwrap_or_default())
-                                .or_else(|_| r.try_get::<Option<i64>, _>(i).map(|v| v.map(|n| n.to_string()).unwrap_or_default()))
+                                .or_else(|_| {
+                                    r.try_get::<Option<i64>, _>(i)
+                                        .map(|v| v.map(|n| n.to_string()).unwrap_or_default())
+                                })
                                 .unwrap_or_default()
                         })
                         .collect()

@@ -96,7 +96,9 @@ impl StoreScp {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start storescp (apt package dcmtk)");
-        let up = wait_until(10, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        let up = wait_until(10, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
         assert!(up, "storescp did not start");
         StoreScp { port, dir, child }
     }

@@ -101,7 +101,10 @@ impl Node {
     /// The URL the test uses to read the node's index.
     pub fn index_url(&self) -> String {
         if self.db.url.is_empty() {
-            format!("sqlite://{}?mode=ro", self.storage().join("index.sqlite3").display())
+            format!(
+                "sqlite://{}?mode=ro",
+                self.storage().join("index.sqlite3").display()
+            )
         } else {
             self.db.url.clone()
         }
@@ -183,14 +186,18 @@ level = "info,anatomy_node=debug"
             .expect("start anatomy-node");
         self.child = Some(child);
         let ready = super::wait_until(30, || {
-            self.exited().is_none() && TcpStream::connect(("127.0.0.1", self.dicom_port)).is_ok() && self.http_get("/healthz").0 == 200
+            self.exited().is_none()
+                && TcpStream::connect(("127.0.0.1", self.dicom_port)).is_ok()
+                && self.http_get("/healthz").0 == 200
         });
         assert!(ready, "node did not become ready:\n{}", self.log());
     }
 
     /// The exit status if the process has ended.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn pid(&self) -> u32 {
@@ -248,7 +255,10 @@ level = "info,anatomy_node=debug"
             .nth(1)
             .and_then(|c| c.parse().ok())
             .unwrap_or(0);
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         (status, body)
     }
 
@@ -264,7 +274,10 @@ level = "info,anatomy_node=debug"
 
     pub fn echoscu(&self, calling: &str, called: &str) -> std::process::Output {
         let port = self.dicom_port.to_string();
-        super::dcmtk("echoscu", &["-aet", calling, "-aec", called, "127.0.0.1", &port])
+        super::dcmtk(
+            "echoscu",
+            &["-aet", calling, "-aec", called, "127.0.0.1", &port],
+        )
     }
 
     /// Every regular file under the storage directory, except the index and temporaries.

@@ -73,7 +73,9 @@ impl Scu {
     }
 
     pub fn max_data_chunk(&self) -> usize {
-        (self.assoc.acceptor_max_pdu_length() as usize).saturating_sub(16).max(64)
+        (self.assoc.acceptor_max_pdu_length() as usize)
+            .saturating_sub(16)
+            .max(64)
     }
 
     /// C-STORE of raw data set bytes; returns the response.
@@ -96,7 +98,11 @@ impl Scu {
             .map(|pc| pc.id)
             .expect("an accepted context");
         let cmd = command(&[
-            (Tag(0x0000, 0x0002), VR::UI, PrimitiveValue::from("1.2.840.10008.1.1")),
+            (
+                Tag(0x0000, 0x0002),
+                VR::UI,
+                PrimitiveValue::from("1.2.840.10008.1.1"),
+            ),
             (Tag(0x0000, 0x0100), VR::US, PrimitiveValue::from(0x0030u16)),
             (Tag(0x0000, 0x0110), VR::US, PrimitiveValue::from(id)),
             (Tag(0x0000, 0x0800), VR::US, PrimitiveValue::from(0x0101u16)),
@@ -113,24 +119,55 @@ impl Scu {
 
     /// Send a command set, split into fragments of `fragment` bytes, one PDU each.
     pub fn send_command(&mut self, pc: u8, bytes: &[u8], fragment: usize) {
-        self.send_fragments(pc, PDataValueType::Command, bytes, fragment, Duration::ZERO);
+        self.send_fragments(
+            pc,
+            PDataValueType::Command,
+            bytes,
+            fragment,
+            Duration::ZERO,
+            true,
+        );
     }
 
     /// Send a data set in fragments of `chunk` bytes, one PDU each, pausing between them.
     pub fn send_data(&mut self, pc: u8, bytes: &[u8], chunk: usize, pause: Duration) {
-        self.send_fragments(pc, PDataValueType::Data, bytes, chunk, pause);
+        self.send_fragments(pc, PDataValueType::Data, bytes, chunk, pause, true);
     }
 
-    fn send_fragments(&mut self, pc: u8, kind: PDataValueType, bytes: &[u8], chunk: usize, pause: Duration) {
+    /// Send the first part of a data set (no fragment marked last).
+    pub fn send_data_start(&mut self, pc: u8, bytes: &[u8], chunk: usize) {
+        self.send_fragments(
+            pc,
+            PDataValueType::Data,
+            bytes,
+            chunk,
+            Duration::ZERO,
+            false,
+        );
+    }
+
+    fn send_fragments(
+        &mut self,
+        pc: u8,
+        kind: PDataValueType,
+        bytes: &[u8],
+        chunk: usize,
+        pause: Duration,
+        finish: bool,
+    ) {
         let chunk = chunk.min(self.max_data_chunk()).max(1);
-        let pieces: Vec<&[u8]> = if bytes.is_empty() { vec![&[][..]] } else { bytes.chunks(chunk).collect() };
+        let pieces: Vec<&[u8]> = if bytes.is_empty() {
+            vec![&[][..]]
+        } else {
+            bytes.chunks(chunk).collect()
+        };
         let n = pieces.len();
         for (i, piece) in pieces.into_iter().enumerate() {
             let pdu = Pdu::PData {
                 data: vec![PDataValue {
                     presentation_context_id: pc,
                     value_type: kind.clone(),
-                    is_last: i + 1 == n,
+                    is_last: finish && i + 1 == n,
                     data: piece.to_vec(),
                 }],
             };
@@ -148,7 +185,11 @@ impl Scu {
             match self.assoc.receive().expect("receive a response") {
                 Pdu::PData { data } => {
                     for pdv in data {
-                        assert_eq!(pdv.value_type, PDataValueType::Command, "responses carry no data set");
+                        assert_eq!(
+                            pdv.value_type,
+                            PDataValueType::Command,
+                            "responses carry no data set"
+                        );
                         buf.extend_from_slice(&pdv.data);
                         if pdv.is_last {
                             return parse_response(&buf);
@@ -174,7 +215,11 @@ pub fn store_rq(message_id: u16, sop_class: &str, sop_uid: &str) -> Vec<u8> {
     command(&[
         (Tag(0x0000, 0x0002), VR::UI, PrimitiveValue::from(sop_class)),
         (Tag(0x0000, 0x0100), VR::US, PrimitiveValue::from(0x0001u16)),
-        (Tag(0x0000, 0x0110), VR::US, PrimitiveValue::from(message_id)),
+        (
+            Tag(0x0000, 0x0110),
+            VR::US,
+            PrimitiveValue::from(message_id),
+        ),
         (Tag(0x0000, 0x0700), VR::US, PrimitiveValue::from(0u16)),
         (Tag(0x0000, 0x0800), VR::US, PrimitiveValue::from(0x0000u16)),
         (Tag(0x0000, 0x1000), VR::UI, PrimitiveValue::from(sop_uid)),
@@ -182,15 +227,20 @@ pub fn store_rq(message_id: u16, sop_class: &str, sop_uid: &str) -> Vec<u8> {
 }
 
 fn implicit() -> &'static dicom_encoding::TransferSyntax {
-    TransferSyntaxRegistry.get(IMPLICIT).expect("implicit VR LE")
+    TransferSyntaxRegistry
+        .get(IMPLICIT)
+        .expect("implicit VR LE")
 }
 
 fn command(elements: &[(Tag, VR, PrimitiveValue)]) -> Vec<u8> {
     let obj = InMemDicomObject::from_element_iter(
-        elements.iter().map(|(t, vr, v)| DataElement::new(*t, *vr, v.clone())),
+        elements
+            .iter()
+            .map(|(t, vr, v)| DataElement::new(*t, *vr, v.clone())),
     );
     let mut body = Vec::new();
-    obj.write_dataset_with_ts(&mut body, implicit()).expect("encode command");
+    obj.write_dataset_with_ts(&mut body, implicit())
+        .expect("encode command");
     let mut out = vec![0, 0, 0, 0, 4, 0, 0, 0];
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
@@ -199,7 +249,12 @@ fn command(elements: &[(Tag, VR, PrimitiveValue)]) -> Vec<u8> {
 
 fn parse_response(bytes: &[u8]) -> Response {
     let obj = InMemDicomObject::read_dataset_with_ts(bytes, implicit()).expect("parse response");
-    let int = |t: Tag| obj.element(t).ok().and_then(|e| e.to_int::<u16>().ok()).unwrap_or(0xFFFF);
+    let int = |t: Tag| {
+        obj.element(t)
+            .ok()
+            .and_then(|e| e.to_int::<u16>().ok())
+            .unwrap_or(0xFFFF)
+    };
     Response {
         command_field: int(Tag(0x0000, 0x0100)),
         message_id: int(Tag(0x0000, 0x0120)),
@@ -215,10 +270,13 @@ fn parse_response(bytes: &[u8]) -> Response {
 /// Re-encode a Part-10 file's data set with one element's value replaced (explicit VR LE
 /// files only; used to make hostile or conflicting variants of real instances).
 pub fn with_replaced_uid(dataset: &[u8], tag: Tag, value: &str) -> Vec<u8> {
-    let ts = TransferSyntaxRegistry.get(EXPLICIT).expect("explicit VR LE");
+    let ts = TransferSyntaxRegistry
+        .get(EXPLICIT)
+        .expect("explicit VR LE");
     let mut obj = InMemDicomObject::read_dataset_with_ts(dataset, ts).expect("parse data set");
     obj.put(DataElement::new(tag, VR::UI, PrimitiveValue::from(value)));
     let mut out = Vec::new();
-    obj.write_dataset_with_ts(&mut out, ts).expect("encode data set");
+    obj.write_dataset_with_ts(&mut out, ts)
+        .expect("encode data set");
     out
 }
