@@ -512,3 +512,81 @@ fn duplicate_case(policy: &'static str, status_for_different: u16, replaced: boo
         "{metrics}"
     );
 }
+
+/// Peak resident memory of a process, from /proc (kB → bytes).
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .expect("VmHWM")
+}
+
+#[test]
+fn a_300_mb_instance_is_streamed_to_disk_not_held_in_memory() {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    const MF_WORD_SC: &str = "1.2.840.10008.5.1.4.1.1.7.3";
+    let (rows, cols, frames) = (512u16, 512u16, 600u32);
+    let pixel_bytes = u32::from(rows) * u32::from(cols) * 2 * frames;
+    let uid = "2.25.77.1.1";
+    let text = |g, e, vr, v: &str| DataElement::new(Tag(g, e), vr, PrimitiveValue::from(v));
+    let us = |g, e, v: u16| DataElement::new(Tag(g, e), VR::US, PrimitiveValue::from(v));
+    let header = dicom_object::InMemDicomObject::from_element_iter([
+        text(0x0008, 0x0016, VR::UI, MF_WORD_SC),
+        text(0x0008, 0x0018, VR::UI, uid),
+        text(0x0008, 0x0060, VR::CS, "OT"),
+        text(0x0020, 0x000D, VR::UI, "2.25.77.1"),
+        text(0x0020, 0x000E, VR::UI, "2.25.77.1.0"),
+        us(0x0028, 0x0002, 1),
+        text(0x0028, 0x0004, VR::CS, "MONOCHROME2"),
+        text(0x0028, 0x0008, VR::IS, &frames.to_string()),
+        us(0x0028, 0x0010, rows),
+        us(0x0028, 0x0011, cols),
+        us(0x0028, 0x0100, 16),
+        us(0x0028, 0x0101, 16),
+        us(0x0028, 0x0102, 15),
+        us(0x0028, 0x0103, 0),
+    ]);
+    let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+    let explicit = dicom_encoding::TransferSyntaxIndex::get(&ts, EXPLICIT).unwrap();
+    let mut head = Vec::new();
+    header.write_dataset_with_ts(&mut head, explicit).unwrap();
+    head.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0]);
+    head.extend_from_slice(&pixel_bytes.to_le_bytes());
+
+    let node = Node::start();
+    let baseline = peak_rss_bytes(node.pid());
+    let mut scu = Scu::connect(node.dicom_port, "TESTSCU", &[(MF_WORD_SC, EXPLICIT)]).unwrap();
+    let pc = scu.context(MF_WORD_SC, EXPLICIT);
+    let id = scu.next_id();
+    scu.send_command(pc, &scu::store_rq(id, MF_WORD_SC, uid), usize::MAX);
+    scu.send_data_start(pc, &head, usize::MAX);
+    let chunk = vec![0x5Au8; scu.max_data_chunk()];
+    let mut left = pixel_bytes as usize;
+    while left > chunk.len() {
+        scu.send_data_start(pc, &chunk, usize::MAX);
+        left -= chunk.len();
+    }
+    scu.send_data(pc, &chunk[..left], usize::MAX, Duration::ZERO);
+    let r = scu.receive_response();
+    assert_eq!(r.status, 0, "{r:?}");
+    scu.release();
+    let peak = peak_rss_bytes(node.pid());
+    let stored = node.stored_files();
+    assert_eq!(stored.len(), 1);
+    assert!(std::fs::metadata(&stored[0]).unwrap().len() > u64::from(pixel_bytes));
+    assert!(
+        peak < 150 * 1024 * 1024,
+        "peak RSS {} MB (baseline {} MB) while receiving a {} MB instance",
+        peak >> 20,
+        baseline >> 20,
+        pixel_bytes >> 20
+    );
+    eprintln!(
+        "peak RSS {} MB for a {} MB instance",
+        peak >> 20,
+        pixel_bytes >> 20
+    );
+}
