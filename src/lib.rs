@@ -5,6 +5,7 @@
 //! [`dimse`] (associations, C-ECHO, C-STORE) → [`store`] (durable files) →
 //! [`index`] (database) → [`series`] (completion) … and [`web`], [`metrics`] beside them.
 
+pub mod anatomy;
 pub mod config;
 pub mod dimse;
 pub mod index;

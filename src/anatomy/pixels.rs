@@ -1,0 +1,222 @@
+//! From a stored CT image to Hounsfield units and to the model input, exactly as
+//! docs/contracts.md "Preprocessing" says. The node and `anatomy-node dataset build` both
+//! call this module, so training images and live images can never be prepared differently.
+//!
+//! 1. [`hu_frames`]: decode every frame (any transfer syntax the store accepts) and map
+//!    stored values to HU (Pixel Representation, Bits Stored, MONOCHROME1, Rescale, Pixel
+//!    Padding → −1024 HU). Images keep the orientation they were stored in.
+//! 2. [`to_model_input`] / [`preprocess`]: canonical axial orientation, pad to a square with
+//!    air, resize to `S×S`. [`window_unit`] then maps HU to the model's `[0, 1]` input.
+//!
+//! Two real files of the development set test the lenient corners, and both decode:
+//! * `pydicom-j2k-head/CT/J2K_pixelrep_mismatch.dcm`: Pixel Representation 1 (signed,
+//!   13 bits stored) but an unsigned JPEG 2000 codestream. The DICOM attributes win: the
+//!   decoded samples are cut to Bits Stored and sign-extended (see [`stored_value`]), which
+//!   is what the writer meant and what pydicom does too.
+//! * `pydicom-data-abdomen/CT/explicit_VR-UN.dcm`: Explicit VR with most attributes
+//!   (Rescale, Image Orientation, ...) written as UN; their bytes are decoded with the VR the
+//!   dictionary gives them (see `attributes`).
+
+mod attributes;
+mod decode;
+mod geometry;
+
+use std::path::{Path, PathBuf};
+
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+
+pub use geometry::{canonical_orientation, pad_to_square, resize, AxialFlips};
+
+/// HU written where there is no patient: padding pixels, and the border added to make
+/// the image square.
+pub const AIR_HU: f32 = -1024.0;
+
+/// Largest angle between the image normal and the patient's z axis for which an image is
+/// treated as axial (and flipped into the canonical orientation). Gantry tilts reach ±30°;
+/// 35° keeps them axial while oblique reformats (45°) and other planes stay as stored.
+pub const DEFAULT_AXIAL_TOLERANCE_DEG: f64 = 35.0;
+
+/// One frame in Hounsfield units, in the orientation it was stored in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HuImage {
+    pub rows: usize,
+    pub columns: usize,
+    /// `rows × columns` values, row by row.
+    pub hu: Vec<f32>,
+    /// 0-based frame number in the file.
+    pub frame: u32,
+    /// Pixel Spacing (mm): distance between rows, then between columns.
+    pub pixel_spacing: Option<[f64; 2]>,
+    /// Image Orientation (Patient): row direction cosines, then column direction cosines.
+    pub orientation: Option<[f64; 6]>,
+}
+
+impl HuImage {
+    /// HU at (row, column); panics outside the image, like slice indexing.
+    pub fn at(&self, row: usize, column: usize) -> f32 {
+        self.hu[row * self.columns + column]
+    }
+}
+
+/// How a [`HuImage`] becomes the model input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Preprocessing {
+    /// Side `S` of the square model input.
+    pub size: usize,
+    /// See [`DEFAULT_AXIAL_TOLERANCE_DEG`].
+    pub axial_tolerance_deg: f64,
+}
+
+impl Preprocessing {
+    pub fn new(size: usize) -> Self {
+        Self {
+            size,
+            axial_tolerance_deg: DEFAULT_AXIAL_TOLERANCE_DEG,
+        }
+    }
+}
+
+/// A file whose pixels cannot be turned into HU, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {kind}", file.display())]
+pub struct PixelError {
+    pub file: PathBuf,
+    pub kind: PixelErrorKind,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PixelErrorKind {
+    #[error("not a readable DICOM file: {0}")]
+    Open(String),
+    #[error("transfer syntax {uid} ({name}) cannot be decoded: {reason}")]
+    UnsupportedTransferSyntax {
+        uid: String,
+        name: String,
+        reason: String,
+    },
+    #[error("missing attribute {0}")]
+    MissingAttribute(&'static str),
+    #[error("invalid {name}: {reason}")]
+    InvalidAttribute { name: &'static str, reason: String },
+    #[error("unsupported image: {0}")]
+    UnsupportedImage(String),
+    #[error("no Pixel Data")]
+    NoPixelData,
+    #[error("corrupt pixel data in frame {frame}: {reason}")]
+    CorruptPixelData { frame: u32, reason: String },
+}
+
+/// Every frame of the DICOM file at `path`, in HU.
+pub fn hu_frames(path: &Path) -> Result<Vec<HuImage>, PixelError> {
+    let at = |kind| PixelError {
+        file: path.to_path_buf(),
+        kind,
+    };
+    let obj = OpenFileOptions::new()
+        .open_file(path)
+        .map_err(|e| at(PixelErrorKind::Open(error_chain(&e))))?;
+    hu_frames_of(obj).map_err(at)
+}
+
+/// Every frame of an already opened DICOM object, in HU.
+pub fn hu_frames_of(obj: DefaultDicomObject) -> Result<Vec<HuImage>, PixelErrorKind> {
+    let obj = decode::retype_un_pixel_attributes(obj);
+    let format = attributes::pixel_format(&obj)?;
+    let frames = attributes::number_of_frames(&obj)?;
+    let obj = decode::one_fragment_per_frame(obj, frames);
+    let padding = attributes::padding(&obj, &format)?;
+    let codec = decode::FrameDecoder::for_object(&obj)?;
+    (0..frames)
+        .map(|frame| {
+            let bytes = codec.frame_bytes(&obj, frame, &format)?;
+            let modality = attributes::modality(&obj, frame)?;
+            Ok(HuImage {
+                rows: format.rows,
+                columns: format.columns,
+                hu: modality_values(&bytes, &format, padding, modality),
+                frame,
+                pixel_spacing: attributes::pixel_spacing(&obj, frame),
+                orientation: attributes::orientation(&obj, frame),
+            })
+        })
+        .collect()
+}
+
+/// The `size × size` HU array the model sees (before windowing), with the default axial
+/// tolerance.
+pub fn to_model_input(image: &HuImage, size: usize) -> Vec<f32> {
+    preprocess(image, &Preprocessing::new(size))
+}
+
+/// Contract steps 3–5: canonical orientation, pad to a square with air, resize.
+pub fn preprocess(image: &HuImage, options: &Preprocessing) -> Vec<f32> {
+    let oriented = canonical_orientation(image, options.axial_tolerance_deg);
+    let square = pad_to_square(&oriented);
+    resize(&square, options.size, options.size)
+}
+
+/// The model's normalisation (`"unit"`): HU clamped to `[low, high]`, mapped to `[0, 1]`.
+pub fn window_unit(hu: f32, low: f32, high: f32) -> f32 {
+    (hu.clamp(low, high) - low) / (high - low)
+}
+
+/// Contract step 2 for one decoded frame: stored samples (little endian, `BitsAllocated`
+/// wide) to HU.
+fn modality_values(
+    bytes: &[u8],
+    format: &attributes::PixelFormat,
+    padding: Option<attributes::Padding>,
+    modality: attributes::Modality,
+) -> Vec<f32> {
+    let width = usize::from(format.bits_allocated / 8);
+    let shift = format.high_bit + 1 - format.bits_stored;
+    let max_unsigned = (1i64 << format.bits_stored) - 1;
+    bytes
+        .chunks_exact(width)
+        .map(|sample| {
+            let raw = sample
+                .iter()
+                .rev()
+                .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+            let stored = stored_value(raw >> shift, format.bits_stored, format.signed);
+            if padding.is_some_and(|p| (p.low..=p.high).contains(&stored)) {
+                return AIR_HU;
+            }
+            // MONOCHROME1 is inverted within the stored range before rescaling.
+            let value = match (format.monochrome1, format.signed) {
+                (false, _) => stored,
+                (true, true) => -1 - stored,
+                (true, false) => max_unsigned - stored,
+            };
+            (value as f64 * modality.slope + modality.intercept) as f32
+        })
+        .collect()
+}
+
+/// A stored sample from its raw bits: only the low `bits_stored` bits count, sign-extended
+/// when Pixel Representation is signed. Decoders that disagree with the attributes (a
+/// JPEG 2000 codestream marked unsigned in a signed image, say) are corrected here.
+fn stored_value(raw: u64, bits_stored: u16, signed: bool) -> i64 {
+    let bits = u32::from(bits_stored.clamp(1, 63));
+    let value = (raw & ((1u64 << bits) - 1)) as i64;
+    if signed && value >> (bits - 1) == 1 {
+        value - (1i64 << bits)
+    } else {
+        value
+    }
+}
+
+/// An error and its sources on one line (dicom-rs errors keep the useful part in sources).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests;
