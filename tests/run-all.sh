@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install what the tests need (Debian packages) and run the whole test suite: style checks,
+# unit tests, and every integration test on SQLite and again on PostgreSQL.
+# This is the README's second set-up command; .ci/run calls it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash deploy/install-deps.sh --test
+
+bash deploy/pg-test.sh start
+trap 'bash deploy/pg-test.sh stop' EXIT
+pg_url="postgres://postgres@127.0.0.1:${PGPORT:-55432}/postgres"
+
+# As root (CI), tests that mount a small filesystem must run, never skip.
+if [[ "$(id -u)" == 0 ]]; then
+    export ANATOMY_REQUIRE_ROOT_TESTS=1
+fi
+
+echo "== style: cargo fmt --check, cargo clippy -D warnings"
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+
+echo "== unit and integration tests on SQLite"
+cargo test --locked
+
+echo "== integration tests on PostgreSQL"
+ANATOMY_TEST_DATABASE_URL="$pg_url" cargo test --locked --test '*'
+
+echo "== all tests passed"
