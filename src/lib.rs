@@ -7,6 +7,7 @@
 
 pub mod anatomy;
 pub mod config;
+pub mod dataset;
 pub mod dimse;
 pub mod index;
 pub mod metrics;

@@ -32,6 +32,17 @@ enum Command {
         #[command(subcommand)]
         command: DbCommand,
     },
+    /// Training data preparation.
+    Dataset {
+        #[command(subcommand)]
+        command: DatasetCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Convert labelled DICOM files into a dataset folder (docs/contracts.md).
+    Build(anatomy_node::dataset::BuildArgs),
 }
 
 #[derive(Subcommand)]
@@ -61,6 +72,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     match cli.command {
+        Command::Dataset {
+            command: DatasetCommand::Build(args),
+        } => anatomy_node::dataset::run_build(&args.into()),
         Command::Serve { config } => {
             let config = Config::load(config.as_deref())?;
             init_logging(&config);
