@@ -126,6 +126,7 @@ pub fn hu_frames_of(obj: DefaultDicomObject) -> Result<Vec<HuImage>, PixelErrorK
     let obj = decode::one_fragment_per_frame(obj, frames);
     let padding = attributes::padding(&obj, &format)?;
     let codec = decode::FrameDecoder::for_object(&obj)?;
+    let samples = codec.sample_format(&format);
     (0..frames)
         .map(|frame| {
             let bytes = codec.frame_bytes(&obj, frame, &format)?;
@@ -133,7 +134,7 @@ pub fn hu_frames_of(obj: DefaultDicomObject) -> Result<Vec<HuImage>, PixelErrorK
             Ok(HuImage {
                 rows: format.rows,
                 columns: format.columns,
-                hu: modality_values(&bytes, &format, padding, modality),
+                hu: modality_values(&bytes, &samples, padding, modality),
                 frame,
                 pixel_spacing: attributes::pixel_spacing(&obj, frame),
                 orientation: attributes::orientation(&obj, frame),

@@ -21,6 +21,8 @@ use super::{error_chain, PixelErrorKind};
 
 /// JPEG Extended (Process 2 & 4): the syntax of 12-bit lossy JPEG.
 const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
+/// RLE Lossless: byte planes of the stored words, so the stored bit layout survives.
+const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
 
 /// How the frames of one object are decoded.
 pub(crate) enum FrameDecoder<'r> {
@@ -63,6 +65,19 @@ impl FrameDecoder<'static> {
 }
 
 impl FrameDecoder<'_> {
+    /// The format of the samples this decoder hands out. Native and RLE data keep the
+    /// stored bit layout (High Bit may sit above Bits Stored − 1); the JPEG family hands out
+    /// the codestream's values, already in the low bits, whatever High Bit says.
+    pub(crate) fn sample_format(&self, format: &PixelFormat) -> PixelFormat {
+        match self {
+            FrameDecoder::Encapsulated { uid, .. } if uid != RLE_LOSSLESS => PixelFormat {
+                high_bit: format.bits_stored - 1,
+                ..*format
+            },
+            _ => *format,
+        }
+    }
+
     /// The stored samples of `frame`, exactly `rows × columns` of them.
     pub(crate) fn frame_bytes(
         &self,
