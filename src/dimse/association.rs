@@ -243,7 +243,8 @@ impl Handler {
                         "data set fragment on another presentation context than its command".into(),
                     );
                 }
-                transfer.feed(pdv.data, &self.ctx).await;
+                transfer.feed(&pdv.data, &self.ctx);
+
                 if pdv.is_last {
                     if let Some(transfer) = self.transfer.take() {
                         let (request, status) = transfer.finish(&self.ctx).await;
@@ -392,13 +393,13 @@ impl DataTransfer {
         }
     }
 
-    async fn feed(&mut self, data: Vec<u8>, ctx: &ServiceContext) {
+    fn feed(&mut self, data: &[u8], ctx: &ServiceContext) {
         self.bytes += data.len() as u64;
         ctx.metrics.bytes_received.inc_by(data.len() as u64);
         let Some(incoming) = self.incoming.as_mut() else {
             return;
         };
-        if let Err(e) = incoming.write(data).instrument(self.span.clone()).await {
+        if let Err(e) = incoming.write(data) {
             warn!(parent: &self.span, error = %e, "writing the instance failed; the rest of its data set is discarded");
             self.failure = Some(status_for(&e));
             self.incoming = None; // dropping it removes the partial file
