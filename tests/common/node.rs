@@ -25,6 +25,8 @@ pub struct NodeOptions {
     pub storage: Option<PathBuf>,
     /// Raw TOML appended to the [dicom] section.
     pub extra_dicom: String,
+    /// Environment variables for the node process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for NodeOptions {
@@ -39,6 +41,7 @@ impl Default for NodeOptions {
             min_free_mb: 0,
             storage: None,
             extra_dicom: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -180,6 +183,7 @@ level = "info,anatomy_node=debug"
             .args(["serve", "--config"])
             .arg(&self.config_path)
             .env_remove("RUST_LOG")
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
