@@ -37,7 +37,12 @@ fn main() {
 
     let mut results = Vec::new();
     let only = std::env::var("ANATOMY_BENCH_ONLY").unwrap_or_default();
-    for receiver in [Receiver::AnatomyNode, Receiver::StoreScp, Receiver::Orthanc] {
+    for receiver in [
+        Receiver::AnatomyNode,
+        Receiver::AnatomyNodeNoFsync,
+        Receiver::StoreScp,
+        Receiver::Orthanc,
+    ] {
         if !only.is_empty() && only != receiver.name() {
             continue;
         }
@@ -81,10 +86,16 @@ fn main() {
         rate(Receiver::StoreScp),
         rate(Receiver::Orthanc),
     );
+    let no_fsync = rate(Receiver::AnatomyNodeNoFsync);
+
     println!();
     println!(
         "anatomy-node (fsync + index): {node:7.0} images/s, peak RSS {} MB (target < 150 MB)",
         node_rss / 1024
+    );
+    println!(
+        "anatomy-node, fsync = false:  {no_fsync:7.0} images/s  -> /storescp = {:.2}",
+        no_fsync / scp
     );
     println!("DCMTK storescp (no fsync):    {scp:7.0} images/s  -> node/storescp = {:.2} (target >= 0.8)", node / scp);
     println!("Orthanc (SQLite index):       {orthanc:7.0} images/s  -> node/Orthanc  = {:.2} (target >= 3)", node / orthanc);
@@ -100,6 +111,8 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Receiver {
     AnatomyNode,
+    /// storage.fsync = false: survives a node crash, not a power cut.
+    AnatomyNodeNoFsync,
     StoreScp,
     Orthanc,
 }
@@ -130,6 +143,7 @@ impl Receiver {
     fn name(self) -> &'static str {
         match self {
             Receiver::AnatomyNode => "anatomy-node",
+            Receiver::AnatomyNodeNoFsync => "node-no-fsync",
             Receiver::StoreScp => "storescp",
             Receiver::Orthanc => "orthanc",
         }
@@ -137,7 +151,7 @@ impl Receiver {
 
     fn ae_title(self) -> &'static str {
         match self {
-            Receiver::AnatomyNode => "ANATOMY",
+            Receiver::AnatomyNode | Receiver::AnatomyNodeNoFsync => "ANATOMY",
             Receiver::StoreScp => "STORESCP",
             Receiver::Orthanc => "ORTHANC",
         }
@@ -147,7 +161,7 @@ impl Receiver {
         std::fs::create_dir_all(dir).expect("receiver dir");
         let port = free_port();
         let child = match self {
-            Receiver::AnatomyNode => {
+            Receiver::AnatomyNode | Receiver::AnatomyNodeNoFsync => {
                 let db = std::env::var("ANATOMY_BENCH_DATABASE_URL").unwrap_or_default();
                 if db.starts_with("postgres") {
                     reset_postgres(&db);
@@ -163,6 +177,10 @@ impl Receiver {
                 )
                 .expect("config");
                 Command::new(env!("CARGO_BIN_EXE_anatomy-node"))
+                    .env(
+                        "ANATOMY_STORAGE__FSYNC",
+                        (self == Receiver::AnatomyNode).to_string(),
+                    )
                     .args(["serve", "--config"])
                     .arg(&config)
                     .stdout(Stdio::null())

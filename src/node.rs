@@ -22,7 +22,7 @@ pub async fn open_index(config: &Config) -> anyhow::Result<Index> {
     std::fs::create_dir_all(&config.storage.path)
         .with_context(|| format!("creating storage.path {}", config.storage.path.display()))?;
     let url = config.database_url();
-    let index = Index::connect(&url, config.database.max_connections)
+    let index = Index::connect(&url, config.database.max_connections, config.storage.fsync)
         .await
         .with_context(|| format!("connecting to the index database ({})", redact(&url)))?;
     index

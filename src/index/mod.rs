@@ -83,8 +83,14 @@ pub struct Index {
 }
 
 impl Index {
-    /// Connect (creating an SQLite file if needed). Does not migrate.
-    pub async fn connect(url: &str, max_connections: u32) -> Result<Index, IndexError> {
+    /// Connect (creating an SQLite file if needed). Does not migrate. With `durable`,
+    /// every commit is on disk before it returns; without it (storage.fsync = false) a
+    /// commit survives a crash of the node but not of the machine.
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        durable: bool,
+    ) -> Result<Index, IndexError> {
         sqlx::any::install_default_drivers();
         let backend = Backend::of_url(url);
         let options = AnyConnectOptions::from_str(url)?;
@@ -93,13 +99,21 @@ impl Index {
             .acquire_timeout(Duration::from_secs(10))
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        // WAL lets readers run beside the writer; FULL makes each commit
-                        // durable before a C-STORE success is sent.
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = FULL").await?;
-                        conn.execute("PRAGMA busy_timeout = 10000").await?;
-                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                    match backend {
+                        Backend::Sqlite => {
+                            // WAL lets readers run beside the writer; FULL makes each commit
+                            // durable before a C-STORE success is sent.
+                            conn.execute("PRAGMA journal_mode = WAL").await?;
+                            let sync = if durable { "FULL" } else { "NORMAL" };
+                            conn.execute(format!("PRAGMA synchronous = {sync}").as_str())
+                                .await?;
+                            conn.execute("PRAGMA busy_timeout = 10000").await?;
+                            conn.execute("PRAGMA foreign_keys = ON").await?;
+                        }
+                        Backend::Postgres if !durable => {
+                            conn.execute("SET synchronous_commit = off").await?;
+                        }
+                        Backend::Postgres => {}
                     }
                     Ok(())
                 })
