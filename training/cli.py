@@ -1,0 +1,226 @@
+"""Command line: python -m training pack|train|export|evaluate ... (each has --help)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data
+
+
+def _floats(text: str) -> tuple:
+    return tuple(float(v) for v in text.replace("[", "").replace("]", "").split(","))
+
+
+def _ints(text: str) -> tuple:
+    return tuple(int(v) for v in text.split(","))
+
+
+def _names(text: str) -> tuple:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def cmd_pack(a) -> int:
+    t0 = time.perf_counter()
+    out = data.pack(a.dataset, a.out)
+    ds = data.load_npz(out)
+    print(f"packed {len(ds)} images ({ds.summary()}) into {out} "
+          f"({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .augment import AugmentConfig
+    from .train import TrainConfig, run
+
+    aug = AugmentConfig(
+        rotate_deg=a.rotate, scale_min=a.scale[0], scale_max=a.scale[1], translate=a.translate, elastic_sigma=a.elastic,
+        elastic_grid=a.elastic_grid, hflip=a.hflip, hu_scale=a.hu_scale, hu_offset=a.hu_offset,
+        noise_hu=a.noise_hu, lowres_p=a.lowres_p, lowres_min=a.lowres_min,
+    )
+    if a.no_augment:
+        aug = AugmentConfig(rotate_deg=0, scale_min=1, scale_max=1, translate=0, elastic_sigma=0, hflip=0, hu_scale=0,
+                            hu_offset=0, noise_hu=0, lowres_p=0)
+    cfg = TrainConfig(
+        data=a.data, out=a.out, classes=a.classes, hu_window=a.hu_window, epochs=a.epochs,
+        batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs,
+        label_smoothing=a.label_smoothing, balance=a.balance, balance_power=a.balance_power, width=a.width, blocks=a.blocks,
+        dropout=a.dropout, patience=a.patience, seed=a.seed, device=a.device, amp=a.amp,
+        channels_last=a.channels_last, compile=a.compile, deterministic=not a.nondeterministic,
+        limit=a.limit, steps_per_epoch=a.steps_per_epoch, eval_batch_size=a.eval_batch_size,
+        model_version=a.model_version, augment=aug,
+    )
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    run(cfg)
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .export import export
+
+    meta = export(a.checkpoint, a.out, model_version=a.model_version, verify=not a.no_verify)
+    size = Path(a.out).stat().st_size
+    print(f"wrote {a.out} ({size / 2**20:.2f} MiB)")
+    for k, v in meta.items():
+        print(f"  {k} = {v}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    import torch
+
+    from . import metrics
+
+    path = Path(a.model)
+    if path.suffix == ".onnx":
+        import onnxruntime as ort
+
+        from .export import INPUT_NAME, OUTPUT_NAME, read_metadata
+        meta = read_metadata(path)
+        classes = json.loads(meta["classes"])
+        low, high = json.loads(meta["hu_window"])
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        predict = lambda x: sess.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        size = int(meta["input_size"])
+    else:
+        from .export import ExportWrapper
+        from .train import load_checkpoint
+        model, ckpt = load_checkpoint(path, "cpu")
+        classes, (low, high), size = ckpt["classes"], ckpt["hu_window"], ckpt["input_size"]
+        wrapper = ExportWrapper(model, ckpt["temperature"]).eval()
+        predict = lambda x: wrapper(x).numpy()
+
+    ds = data.load(a.data, a.limit or None)
+    if ds.input_size != size:
+        raise SystemExit(f"dataset input_size {ds.input_size} != model input_size {size}")
+    targets = ds.targets(classes)
+    report = {}
+    for split in a.splits:
+        m = ds.split == split
+        if not m.any():
+            continue
+        hu = torch.from_numpy(ds.images[m].astype(np.float32) - ds.hu_offset)
+        probs = []
+        with torch.no_grad():
+            for i in range(0, len(hu), a.batch_size):
+                probs.append(predict(data.to_unit(hu[i:i + a.batch_size].unsqueeze(1), low, high)))
+        r = metrics.classification_report(np.concatenate(probs), targets[m], classes)
+        report[split] = r
+        print(f"{split}: {metrics.format_report(r, classes)}")
+        if r.get("images"):
+            print(metrics.format_confusion(r, classes))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2, default=float))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="python -m training", description=(
+        "Train the anatomy-node axial CT body-region classifier (neck, lungs, liver, pelvis, legs, "
+        "other) from a dataset folder of docs/contracts.md and export it as the contract's ONNX model."),
+        formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("pack", formatter_class=fmt, help="dataset folder → one compressed .npz",
+                       description="Read a dataset folder (dataset.json, manifest.csv, 16-bit PNGs) and "
+                       "write one compressed .npz that `train`/`evaluate` read with numpy only.")
+    s.add_argument("dataset", help="dataset folder written by `anatomy-node dataset build`")
+    s.add_argument("out", help="output .npz path")
+    s.set_defaults(func=cmd_pack)
+
+    from .augment import AugmentConfig
+    from .train import TrainConfig
+    d, da = TrainConfig(), AugmentConfig()
+    s = sub.add_parser("train", formatter_class=fmt, help="train a model, write checkpoint + metrics",
+                       description="Train on split=train, select and calibrate on split=val (patients "
+                       "never mixed), report split=test once at the end. Writes OUT/model.pt "
+                       "(state_dict + config), OUT/config.json, OUT/metrics.json, OUT/history.jsonl.")
+    g = s.add_argument_group("data and output")
+    g.add_argument("--data", required=True, help="dataset folder or .npz from `pack`")
+    g.add_argument("--out", default=d.out, help="run folder for checkpoint and metrics")
+    g.add_argument("--classes", type=_names, default=d.classes,
+                   help="comma-separated class list, in output order (dataset label 'ambiguous' is always excluded)")
+    g.add_argument("--hu-window", type=_floats, default=d.hu_window,
+                   help="LOW,HIGH in HU, written with = because LOW is negative (--hu-window=-100,200): "
+                   "x = (clamp(hu, LOW, HIGH) - LOW) / (HIGH - LOW); recorded in the model")
+    g.add_argument("--limit", type=int, default=0, help="use only N evenly spaced images (0: all); for quick runs")
+    g.add_argument("--model-version", default=d.model_version, help="model_version recorded in checkpoint and ONNX")
+    g = s.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="maximum number of epochs")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (linear warm-up, cosine decay)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on conv/linear weights")
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="epochs of linear learning-rate warm-up")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="cross-entropy label smoothing")
+    g.add_argument("--balance", choices=("sampler", "loss", "none"), default=d.balance,
+                   help="class balancing: weighted sampling (equal classes per batch), class-weighted loss, or none")
+    g.add_argument("--balance-power", type=float, default=d.balance_power,
+                   help="class weight = count^-POWER: 1 equalises classes, 0.5 is softer, 0 is no balancing")
+    g.add_argument("--patience", type=int, default=d.patience, help="early stop after N epochs without val NLL improvement (0: never)")
+    g.add_argument("--steps-per-epoch", type=int, default=0, help="batches per epoch (0: training images / batch size)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed for weights, sampling and augmentation")
+    g.add_argument("--nondeterministic", action="store_true", help="allow non-deterministic (faster) cuDNN kernels")
+    g = s.add_argument_group("model")
+    g.add_argument("--width", type=int, default=d.width, help="channels of the first stage (doubled per stage)")
+    g.add_argument("--blocks", type=_ints, default=d.blocks, help="residual blocks per stage, comma-separated")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the classifier")
+    g = s.add_argument_group("device")
+    g.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
+    g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster convs on GPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (needs triton on CUDA)")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="batch size for validation/test")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    g = s.add_argument_group("augmentation (see augment.py)")
+    g.add_argument("--rotate", type=float, default=da.rotate_deg, help="max in-plane rotation, degrees")
+    g.add_argument("--scale", type=_floats, default=(da.scale_min, da.scale_max),
+                   help="MIN,MAX apparent size, log-uniform: >1 zooms in (random crop), <1 zooms out (wider field of view)")
+    g.add_argument("--translate", type=float, default=da.translate, help="max translation, fraction of the width")
+    g.add_argument("--elastic", type=float, default=da.elastic_sigma, help="std of the smooth non-rigid displacement, fraction of the width (0: off)")
+    g.add_argument("--elastic-grid", type=int, default=da.elastic_grid, help="control points per axis of the deformation")
+    g.add_argument("--hflip", type=float, default=da.hflip, help="probability of a left-right flip")
+    g.add_argument("--hu-scale", type=float, default=da.hu_scale, help="HU scaled by uniform [1-S, 1+S]")
+    g.add_argument("--hu-offset", type=float, default=da.hu_offset, help="HU offset uniform in [-O, O]")
+    g.add_argument("--noise-hu", type=float, default=da.noise_hu, help="Gaussian noise std up to this many HU")
+    g.add_argument("--lowres-p", type=float, default=da.lowres_p, help="probability of a down-and-up-sampling (resolution jitter)")
+    g.add_argument("--lowres-min", type=float, default=da.lowres_min, help="smallest down-sampling factor")
+    g.add_argument("--no-augment", action="store_true", help="turn every augmentation off")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("export", formatter_class=fmt, help="checkpoint → ONNX model (CPU only)",
+                       description="Write the contract's ONNX model: input 'image' [N,1,S,S], output "
+                       "'probabilities' [N,C] = softmax(logits / T), opset 17, metadata_props classes, "
+                       "input_size, hu_window, normalization, model_version, trained_on, temperature.")
+    s.add_argument("checkpoint", help="model.pt written by `train`")
+    s.add_argument("out", help="output .onnx path")
+    s.add_argument("--model-version", default=None, help="override the checkpoint's model_version")
+    s.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch parity check")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("evaluate", formatter_class=fmt, help="score a checkpoint or ONNX model on a dataset",
+                       description="Slice error, NLL, ECE, per-class one-vs-rest AUC and confusion matrix "
+                       "per split ('ambiguous' excluded). Uses the preprocessing recorded in the model.")
+    s.add_argument("model", help="model.pt or model.onnx")
+    s.add_argument("--data", required=True, help="dataset folder or .npz")
+    s.add_argument("--splits", type=_names, default=("test",), help="comma-separated splits to score")
+    s.add_argument("--batch-size", type=int, default=64, help="inference batch size")
+    s.add_argument("--limit", type=int, default=0, help="use only N evenly spaced images (0: all)")
+    s.add_argument("--json", default=None, help="also write the report to this JSON file")
+    s.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+import torch
+
+from training.augment import AugmentConfig, augment, preprocess, sampling_grid
+
+OFF = AugmentConfig(rotate_deg=0, scale_min=1, scale_max=1, translate=0, elastic_sigma=0, hflip=0,
+                    hu_scale=0, hu_offset=0, noise_hu=0, lowres_p=0)
+
+
+def _batch(n=6, size=40):
+    g = torch.Generator().manual_seed(3)
+    hu = torch.full((n, 1, size, size), -1024.0)
+    hu[:, :, 8:32, 10:30] = torch.rand(n, 1, 24, 20, generator=g) * 1200 - 300
+    return hu
+
+
+def test_shape_range_and_dtype():
+    hu = _batch()
+    x = augment(hu, -100, 200, AugmentConfig(lowres_p=1.0, hflip=0.5), torch.Generator().manual_seed(0))
+    assert x.shape == hu.shape and x.dtype == torch.float32
+    assert x.min() >= 0 and x.max() <= 1
+    assert not torch.allclose(x, preprocess(hu, -100, 200))
+
+
+def test_same_seed_same_batch():
+    hu = _batch()
+    a = augment(hu, -100, 200, AugmentConfig(), torch.Generator().manual_seed(7))
+    b = augment(hu, -100, 200, AugmentConfig(), torch.Generator().manual_seed(7))
+    c = augment(hu, -100, 200, AugmentConfig(), torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_all_off_is_the_contract_preprocessing():
+    hu = _batch()
+    x = augment(hu, -100, 200, OFF, torch.Generator().manual_seed(0))
+    assert torch.allclose(x, preprocess(hu, -100, 200), atol=1e-5)
+
+
+def test_border_is_air_for_any_window():
+    # a window below air: air is not 0 after normalisation, and must still fill the border
+    hu = torch.full((2, 1, 32, 32), -1024.0)
+    cfg = AugmentConfig(rotate_deg=0, scale_min=0.5, scale_max=0.5, translate=0, elastic_sigma=0,
+                        hu_scale=0, hu_offset=0, noise_hu=0, lowres_p=0)
+    x = augment(hu, -2000, 0, cfg, torch.Generator().manual_seed(0))
+    assert torch.allclose(x, torch.full_like(x, (-1024 + 2000) / 2000), atol=1e-5)
+
+
+def test_grid_is_smooth_and_bounded():
+    g = sampling_grid(4, 64, AugmentConfig(), torch.Generator().manual_seed(0))
+    assert g.shape == (4, 64, 64, 2)
+    step = (g[:, 1:] - g[:, :-1]).abs().max()
+    assert step < 0.2  # neighbouring pixels stay neighbours: no tearing

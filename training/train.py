@@ -1,0 +1,309 @@
+"""Training loop: patient-level splits, class-balanced sampling, batched tensor augmentation,
+early stopping on the validation patients, temperature scaling, checkpoints and metrics.
+
+Everything after loading runs on tensors on one device: the whole dataset (int16 HU, ~260 MB
+for 2000 images at 256×256) sits on the GPU and a batch is gathered by index, so there is no
+DataLoader and no worker process to make runs irreproducible or slow.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import calibrate, metrics
+from .data import CLASSES, Dataset, load as load_dataset
+from .augment import AugmentConfig, augment, preprocess
+from .model import build, count_parameters
+
+CHECKPOINT_FORMAT = "anatomy-training-checkpoint/1"
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    out: str = "training/runs/latest"
+    classes: tuple = CLASSES
+    hu_window: tuple = (-100.0, 200.0)
+    epochs: int = 80
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 2.0
+    label_smoothing: float = 0.05
+    balance: str = "sampler"  # sampler | loss | none
+    balance_power: float = 1.0  # class weight = count^-power (1: fully balanced, 0.5: softer)
+    width: int = 32
+    blocks: tuple = (2, 2, 2, 2)
+    dropout: float = 0.2
+    patience: int = 25
+    seed: int = 2015
+    device: str = "cpu"
+    amp: bool = False  # bf16 autocast (CUDA)
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = True
+    limit: int = 0  # use only this many images (evenly spaced), for quick runs
+    steps_per_epoch: int = 0  # 0: one pass over the number of training images
+    eval_batch_size: int = 256
+    model_version: str = "anatomy-convnet-dev"
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["classes"], d["hu_window"], d["blocks"] = list(self.classes), list(self.hu_window), list(self.blocks)
+        return d
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        # cuBLAS needs this before its first use to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def check_patient_splits(ds: Dataset) -> None:
+    """Splits are by patient (contract): a patient in two splits would leak, so refuse."""
+    seen: dict[str, str] = {}
+    for p, s in zip(ds.patient_key, ds.split):
+        if seen.setdefault(p, s) != s:
+            raise ValueError(f"patient {p} is in splits {seen[p]!r} and {s!r}; splits must be by patient")
+
+
+def hu_tensor(ds: Dataset, device) -> torch.Tensor:
+    """uint16 HU+offset → int16 HU on the device (exact for the contract's offset 32768)."""
+    hu = np.clip(ds.images.astype(np.int32) - ds.hu_offset, -32768, 32767).astype(np.int16)
+    return torch.from_numpy(hu).to(device)
+
+
+def sample_weights(targets: np.ndarray, num_classes: int, power: float = 1.0) -> np.ndarray:
+    """Per-image weights ∝ count(class)^-power: with power 1 every class gets the same expected
+    share of each batch; a smaller power repeats the few images of rare classes less often."""
+    counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
+    return counts[targets] ** -power
+
+
+@torch.no_grad()
+def predict_logits(model, hu: torch.Tensor, low: float, high: float, batch_size: int,
+                   amp: bool = False, channels_last: bool = False) -> torch.Tensor:
+    model.eval()
+    out = []
+    for i in range(0, len(hu), batch_size):
+        x = preprocess(hu[i:i + batch_size].float().unsqueeze(1), low, high)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            out.append(model(x).float())
+    return torch.cat(out).cpu() if out else torch.zeros(0)
+
+
+def save_checkpoint(path: Path, model, cfg: TrainConfig, ds_summary: str, input_size: int,
+                    temperature: float, epoch: int, scores: dict) -> None:
+    state = {k: v.detach().cpu() for k, v in _plain(model).state_dict().items()}
+    torch.save({
+        "format": CHECKPOINT_FORMAT,
+        "state_dict": state,
+        "model_config": _plain(model).config,
+        "classes": list(cfg.classes),
+        "input_size": int(input_size),
+        "hu_window": [float(v) for v in cfg.hu_window],
+        "temperature": float(temperature),
+        "model_version": cfg.model_version,
+        "trained_on": ds_summary,
+        "train_config": cfg.to_dict(),
+        "epoch": int(epoch),
+        "metrics": scores,
+    }, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a checkpoint of this package (format {ckpt.get('format')!r})")
+    model = build(ckpt["model_config"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+def _plain(model):
+    return getattr(model, "_orig_mod", model)  # unwrap torch.compile
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def run(cfg: TrainConfig, log=print) -> dict:
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = torch.device(cfg.device)
+    low, high = map(float, cfg.hu_window)
+    if not low < high:
+        raise ValueError(f"hu_window {cfg.hu_window}: low must be < high")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    ds = load_dataset(cfg.data, cfg.limit or None)
+    check_patient_splits(ds)
+    targets = ds.targets(cfg.classes)
+    summary = ds.summary(cfg.classes)
+    log(f"dataset: {summary}")
+    split = {s: (ds.split == s) & (targets >= 0) for s in ("train", "val", "test")}
+    ambiguous = int((targets < 0).sum())
+    log("scored images per split: " + ", ".join(f"{s}={int(m.sum())}" for s, m in split.items())
+        + f" (ambiguous, not used: {ambiguous})")
+    if not split["train"].any():
+        raise ValueError("no training images (split == 'train' with a class label)")
+    C = len(cfg.classes)
+    train_t = targets[split["train"]]
+    counts = np.bincount(train_t, minlength=C)
+    log("train images per class: " + ", ".join(f"{c}={n}" for c, n in zip(cfg.classes, counts)))
+    for c, n in zip(cfg.classes, counts):
+        if n == 0:
+            log(f"warning: class {c!r} has no training images; the model cannot learn it")
+
+    hu = {s: hu_tensor(ds.subset(m), device) for s, m in split.items()}
+    tgt = {s: torch.from_numpy(targets[m]) for s, m in split.items()}
+    S = ds.input_size
+
+    model = build({"num_classes": C, "width": cfg.width, "blocks": list(cfg.blocks), "dropout": cfg.dropout})
+    log(f"model: {count_parameters(model):,} parameters, input [N,1,{S},{S}], classes {list(cfg.classes)}")
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if cfg.compile else model
+
+    # No weight decay on BatchNorm parameters and biases (decaying them only fights BN).
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+
+    present = counts > 0
+    loss_weight = None
+    if cfg.balance == "loss":
+        w = np.where(present, np.maximum(counts, 1) ** -cfg.balance_power, 0.0)
+        w = w * counts.sum() / (w * counts).sum()  # mean weight per image 1
+        loss_weight = torch.tensor(w, dtype=torch.float32, device=device)
+    if cfg.balance == "sampler":
+        weights = torch.from_numpy(sample_weights(train_t, C, cfg.balance_power))
+    elif cfg.balance in ("loss", "none"):
+        weights = torch.ones(len(train_t), dtype=torch.float64)
+    else:
+        raise ValueError(f"balance {cfg.balance!r}: expected sampler, loss or none")
+
+    n_train = len(train_t)
+    steps = cfg.steps_per_epoch or max(1, math.ceil(n_train / cfg.batch_size))
+    total_steps = steps * cfg.epochs
+    warmup = max(1, min(total_steps // 5, round(cfg.warmup_epochs * steps)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_hu, train_tgt = hu["train"], tgt["train"].to(device)
+
+    history, best, best_state, bad_epochs, step = [], None, None, 0, 0
+    hist_file = open(out / "history.jsonl", "w")
+    for epoch in range(1, cfg.epochs + 1):
+        net.train()
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for _ in range(steps):
+            lr = _lr_at(step, total_steps, warmup, cfg.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=gen)
+            dev_idx = idx.to(device)
+            x = augment(train_hu[dev_idx].float().unsqueeze(1), low, high, cfg.augment, gen)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = train_tgt[dev_idx]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, weight=loss_weight, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += len(y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.perf_counter() - t0
+
+        val_logits = predict_logits(net, hu["val"], low, high, cfg.eval_batch_size, cfg.amp, cfg.channels_last)
+        val = metrics.classification_report(torch.softmax(val_logits, 1).numpy(), tgt["val"].numpy(), cfg.classes)
+        epoch_time = time.perf_counter() - t0
+        rec = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / seen, "train_error": 1 - correct / seen,
+               "images_per_s": seen / train_time, "epoch_s": epoch_time, "val": val}
+        history.append(rec)
+        hist_file.write(json.dumps(rec) + "\n")
+        hist_file.flush()
+        log(f"epoch {epoch:3d}/{cfg.epochs} lr={lr:.2e} loss={rec['train_loss']:.4f} "
+            f"train_err={100 * rec['train_error']:.1f}% | val {metrics.format_report(val, cfg.classes)} | "
+            f"{rec['images_per_s']:.1f} img/s, {epoch_time:.1f} s")
+
+        # Early stopping on validation NLL (smoother than the error on a few hundred slices);
+        # without validation images, the last epoch is kept.
+        key = (val["nll"], val["error"]) if val.get("images") else (-epoch, 0)
+        if best is None or key < best[0]:
+            best = (key, epoch, val)
+            best_state = copy.deepcopy({k: v.detach().clone() for k, v in _plain(net).state_dict().items()})
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+            if cfg.patience and bad_epochs >= cfg.patience:
+                log(f"early stop: no val improvement for {cfg.patience} epochs")
+                break
+    hist_file.close()
+
+    _plain(net).load_state_dict(best_state)
+    best_epoch = best[1]
+    log(f"best epoch {best_epoch}")
+
+    # Temperature scaling on the validation patients.
+    temperature = 1.0
+    # From here on fp32 (no autocast): calibration and the reported scores must be those of
+    # the exported fp32 model, not of the bf16 training-time evaluation.
+    val_logits = predict_logits(model, hu["val"], low, high, cfg.eval_batch_size, False, cfg.channels_last)
+    if len(val_logits):
+        temperature = calibrate.fit_temperature(val_logits, tgt["val"])
+        log(f"temperature {temperature:.4f}: val NLL {calibrate.nll(val_logits, tgt['val']):.4f} → "
+            f"{calibrate.nll(val_logits, tgt['val'], temperature):.4f}")
+
+    scores = {"best_epoch": best_epoch, "temperature": temperature,
+              "parameters": count_parameters(model), "input_size": S}
+    for s in ("val", "test"):
+        logits = predict_logits(model, hu[s], low, high, cfg.eval_batch_size, False, cfg.channels_last)
+        if len(logits):
+            r = metrics.classification_report(torch.softmax(logits / temperature, 1).numpy(), tgt[s].numpy(), cfg.classes)
+            scores[s] = r
+            log(f"{s} (calibrated): {metrics.format_report(r, cfg.classes)}")
+            log(metrics.format_confusion(r, cfg.classes))
+    scores["history"] = [{k: v for k, v in h.items() if k != "val"} | {"val_error": h["val"].get("error"),
+                          "val_nll": h["val"].get("nll"), "val_mean_auc": h["val"].get("mean_auc")}
+                         for h in history]
+
+    ckpt_path = out / "model.pt"
+    save_checkpoint(ckpt_path, model, cfg, summary, S, temperature, best_epoch,
+                    {k: v for k, v in scores.items() if k != "history"})
+    (out / "config.json").write_text(json.dumps(cfg.to_dict() | {"input_size": S, "trained_on": summary}, indent=2))
+    (out / "metrics.json").write_text(json.dumps(scores, indent=2, default=float))
+    log(f"checkpoint: {ckpt_path}")
+    return scores
