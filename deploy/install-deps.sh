@@ -5,7 +5,7 @@
 # Only Debian packages; idempotent; uses sudo when not root.
 set -euo pipefail
 
-packages=(ca-certificates cmake g++ pkg-config dcmtk python3 python3-venv)
+packages=(ca-certificates cmake g++ pkg-config dcmtk python3 python3-venv python3-pip unzip)
 if [[ "${1:-}" == "--test" ]]; then
     packages+=(orthanc orthanc-dicomweb postgresql procps)
 fi
@@ -32,3 +32,7 @@ if ! command -v cargo >/dev/null; then
     echo "cargo (Rust toolchain) is required: https://rustup.rs" >&2
     exit 1
 fi
+
+# ONNX Runtime's library, from the onnxruntime wheel on PyPI.
+bash "$(dirname "$0")/install-onnxruntime.sh"
+
