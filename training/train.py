@@ -7,7 +7,6 @@ DataLoader and no worker process to make runs irreproducible or slow.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -222,7 +221,10 @@ def run(cfg: TrainConfig, log=print) -> dict:
     for epoch in range(1, cfg.epochs + 1):
         net.train()
         t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
+        # summed on the device: a .item() per step would stall the GPU queue
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
         for _ in range(steps):
             lr = _lr_at(step, total_steps, warmup, cfg.lr)
             for g in opt.param_groups:
@@ -240,8 +242,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
             loss.backward()
             opt.step()
             step += 1
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.detach().argmax(1) == y).sum())
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -250,7 +252,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
         val_logits = predict_logits(net, hu["val"], low, high, cfg.eval_batch_size, cfg.amp, cfg.channels_last)
         val = metrics.classification_report(torch.softmax(val_logits, 1).numpy(), tgt["val"].numpy(), cfg.classes)
         epoch_time = time.perf_counter() - t0
-        rec = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / seen, "train_error": 1 - correct / seen,
+        rec = {"epoch": epoch, "lr": lr, "train_loss": float(loss_sum) / seen,
+               "train_error": 1 - int(correct) / seen,
                "images_per_s": seen / train_time, "epoch_s": epoch_time, "val": val}
         history.append(rec)
         hist_file.write(json.dumps(rec) + "\n")
@@ -264,7 +267,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
         key = (val["nll"], val["error"]) if val.get("images") else (-epoch, 0)
         if best is None or key < best[0]:
             best = (key, epoch, val)
-            best_state = copy.deepcopy({k: v.detach().clone() for k, v in _plain(net).state_dict().items()})
+            best_state = {k: v.detach().clone() for k, v in _plain(net).state_dict().items()}
             bad_epochs = 0
         else:
             bad_epochs += 1

@@ -56,3 +56,23 @@ def test_to_unit_matches_contract():
     hu = torch.tensor([-2000.0, -100.0, 50.0, 200.0, 3000.0])
     assert torch.allclose(data.to_unit(hu, -100, 200), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
     assert np.allclose(data.to_unit(hu.numpy(), -100, 200), [0, 0, 0.5, 1, 1])
+
+
+def test_npz_needs_only_numpy_and_torch(synthetic_dataset, tmp_path):
+    """The GPU machine may lack Pillow/onnx: loading a .npz and training must not import them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    npz = data.pack(synthetic_dataset, tmp_path / "ds.npz")
+    code = (
+        "import sys\n"
+        "for m in ('PIL', 'onnx', 'onnxruntime'): sys.modules[m] = None  # any import now fails\n"
+        "from training import cli\n"
+        f"cli.main(['train', '--data', {str(npz)!r}, '--out', {str(tmp_path / 'run')!r}, '--epochs', '1',"
+        " '--width', '4', '--limit', '40', '--batch-size', '8'])\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "model.pt").exists()
