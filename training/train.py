@@ -109,7 +109,7 @@ def predict_logits(model, hu: torch.Tensor, low: float, high: float, batch_size:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             out.append(model(x).float())
-    return torch.cat(out).cpu() if out else torch.zeros(0)
+    return torch.cat(out).cpu() if out else torch.zeros(0, _plain(model).fc.out_features)
 
 
 def save_checkpoint(path: Path, model, cfg: TrainConfig, ds_summary: str, input_size: int,

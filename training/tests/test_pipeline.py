@@ -118,3 +118,22 @@ def test_every_command_has_help(command, capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "usage:" in text
+
+
+def test_trains_without_validation_patients(tmp_path):
+    """No val split: nothing to stop early on or calibrate with; keep the last epoch, T = 1."""
+    import csv
+
+    from training.tests.synthetic import write_dataset
+
+    ds = write_dataset(tmp_path / "ds", patients=4, per_class=1)
+    with open(ds / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r["split"] = "train"
+    with open(ds / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    scores = run(_cfg(ds, tmp_path / "run", epochs=2, width=4), log=lambda *_: None)
+    assert scores["best_epoch"] == 2 and scores["temperature"] == 1.0 and "val" not in scores
