@@ -26,4 +26,9 @@ cargo test --locked
 echo "== integration tests on PostgreSQL"
 ANATOMY_TEST_DATABASE_URL="$pg_url" cargo test --locked --test '*'
 
+echo "== training package (PyTorch, CPU)"
+bash training/install.sh
+training/.venv/bin/python -m pytest training/tests -q
+
+
 echo "== all tests passed"
