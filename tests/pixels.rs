@@ -260,6 +260,10 @@ fn lossless_transcodes_keep_hu() {
     for source in transcode_sources(&data) {
         let original = hu_frames(&source).expect("original decodes");
         for (ts, tool, option) in DCMTK_LOSSLESS {
+            if tool == "dcmcjpls" && !cfg!(any(feature = "charls", feature = "gdcm")) {
+                eprintln!("SKIPPED {ts}: this build has no JPEG-LS decoder");
+                continue;
+            }
             let out = dir.path().join(format!("{ts}.dcm"));
             run_with(tool, option, &source, &out);
             let decoded =
@@ -332,15 +336,18 @@ fn lossy_transcodes_decode_or_say_why() {
             }
             Err(e) => {
                 eprintln!("{name}: {e}");
+                // Only a missing codec may refuse, and it must say which build has one.
+                let missing_codec = match name {
+                    "jpeg-extended" => !cfg!(feature = "gdcm"),
+                    "jpeg-ls-near" => !cfg!(any(feature = "charls", feature = "gdcm")),
+                    _ => false,
+                };
                 assert!(
-                    name == "jpeg-extended"
+                    missing_codec
                         && matches!(e.kind, PixelErrorKind::UnsupportedTransferSyntax { .. })
                         && e.to_string().contains("gdcm"),
                     "{name}: {e}"
                 );
-                if cfg!(feature = "gdcm") {
-                    panic!("GDCM builds must decode 12-bit JPEG: {e}");
-                }
             }
         }
     }

@@ -23,6 +23,8 @@ use super::{error_chain, PixelErrorKind};
 const JPEG_EXTENDED: &str = "1.2.840.10008.1.2.4.51";
 /// RLE Lossless: byte planes of the stored words, so the stored bit layout survives.
 const RLE_LOSSLESS: &str = "1.2.840.10008.1.2.5";
+/// JPEG-LS lossless and near-lossless: CharLS (feature `charls`) or GDCM decodes them.
+const JPEG_LS: [&str; 2] = ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"];
 
 /// How the frames of one object are decoded.
 pub(crate) enum FrameDecoder<'r> {
@@ -33,6 +35,10 @@ pub(crate) enum FrameDecoder<'r> {
         reader: &'r (dyn PixelDataReader + Send + Sync),
         uid: String,
     },
+    /// Encapsulated pixel data that GDCM decodes (12-bit JPEG, and JPEG-LS when the
+    /// build has no CharLS).
+    #[cfg(feature = "gdcm")]
+    Gdcm,
 }
 
 impl FrameDecoder<'static> {
@@ -50,6 +56,13 @@ impl FrameDecoder<'static> {
         let ts = TransferSyntaxRegistry
             .get(&uid)
             .ok_or_else(|| unsupported("unknown transfer syntax"))?;
+        #[cfg(feature = "gdcm")]
+        if uid == JPEG_EXTENDED
+            || (JPEG_LS.contains(&uid.as_str())
+                && matches!(ts.codec(), Codec::EncapsulatedPixelData(None, _)))
+        {
+            return Ok(FrameDecoder::Gdcm);
+        }
         match ts.codec() {
             Codec::None | Codec::Dataset(Some(_)) => Ok(FrameDecoder::Native),
             Codec::Dataset(None) => Err(unsupported("no data set codec in this build")),
@@ -57,6 +70,9 @@ impl FrameDecoder<'static> {
                 reader: reader.as_ref(),
                 uid,
             }),
+            Codec::EncapsulatedPixelData(None, _) if JPEG_LS.contains(&uid.as_str()) => Err(
+                unsupported("this build has no JPEG-LS decoder (features `charls` or `gdcm`)"),
+            ),
             Codec::EncapsulatedPixelData(None, _) => {
                 Err(unsupported("no pixel data decoder in this build"))
             }
@@ -70,11 +86,12 @@ impl FrameDecoder<'_> {
     /// the codestream's values, already in the low bits, whatever High Bit says.
     pub(crate) fn sample_format(&self, format: &PixelFormat) -> PixelFormat {
         match self {
-            FrameDecoder::Encapsulated { uid, .. } if uid != RLE_LOSSLESS => PixelFormat {
+            FrameDecoder::Native => *format,
+            FrameDecoder::Encapsulated { uid, .. } if uid == RLE_LOSSLESS => *format,
+            _ => PixelFormat {
                 high_bit: format.bits_stored - 1,
                 ..*format
             },
-            _ => *format,
         }
     }
 
@@ -87,11 +104,16 @@ impl FrameDecoder<'_> {
     ) -> Result<Vec<u8>, PixelErrorKind> {
         let expected = format.rows * format.columns * usize::from(format.bits_allocated / 8);
         let corrupt = |reason: String| PixelErrorKind::CorruptPixelData { frame, reason };
+        if obj.get(tags::PIXEL_DATA).is_none() {
+            return Err(PixelErrorKind::NoPixelData);
+        }
         let bytes = match self {
             FrameDecoder::Native => native_frame(obj, frame, expected)?,
             FrameDecoder::Encapsulated { reader, uid } => {
                 encapsulated_frame(*reader, uid, obj, frame, format)?
             }
+            #[cfg(feature = "gdcm")]
+            FrameDecoder::Gdcm => gdcm_frame(obj, frame)?,
         };
         if bytes.len() < expected {
             return Err(corrupt(format!(
@@ -138,13 +160,6 @@ fn encapsulated_frame(
     frame: u32,
     format: &PixelFormat,
 ) -> Result<Vec<u8>, PixelErrorKind> {
-    if obj.get(tags::PIXEL_DATA).is_none() {
-        return Err(PixelErrorKind::NoPixelData);
-    }
-    #[cfg(feature = "gdcm")]
-    if uid == JPEG_EXTENDED {
-        return gdcm_frame(obj, frame);
-    }
     let mut out = Vec::new();
     // The codecs index buffers with sizes taken from the codestream; a corrupt or hostile
     // file can make them panic. One bad file must not take the node down.
@@ -158,7 +173,7 @@ fn encapsulated_frame(
                 uid: uid.to_string(),
                 name: transfer_syntax_name(uid),
                 reason: format!(
-                    "{}-bit JPEG needs a build with the `gdcm` feature ({})",
+                    "{}-bit JPEG needs a build with GDCM (`--no-default-features --features gdcm`): {}",
                     format.bits_stored,
                     error_chain(&e)
                 ),
