@@ -34,11 +34,13 @@ fn data_dir() -> Option<PathBuf> {
 }
 
 /// A Python with the packages of tests/tools/requirements.txt: `ANATOMY_TEST_PYTHON`,
-/// else `target/test-python/bin/python`, else `python3`.
+/// else `.venv-tests/bin/python`, else `target/test-python/bin/python`, else `python3`.
 fn reference_python() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let candidates = [
         std::env::var_os("ANATOMY_TEST_PYTHON").map(PathBuf::from),
-        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-python/bin/python")),
+        Some(root.join(".venv-tests/bin/python")),
+        Some(root.join("target/test-python/bin/python")),
         Some(PathBuf::from("python3")),
     ];
     let found = candidates.into_iter().flatten().find(|python| {
@@ -50,7 +52,7 @@ fn reference_python() -> Option<PathBuf> {
     if found.is_none() {
         eprintln!(
             "SKIPPED: no Python with tests/tools/requirements.txt installed \
-             (python3 -m venv target/test-python && target/test-python/bin/pip install -r \
+             (python3 -m venv .venv-tests && .venv-tests/bin/pip install -r \
              tests/tools/requirements.txt, or set ANATOMY_TEST_PYTHON)"
         );
     }
