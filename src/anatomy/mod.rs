@@ -2,6 +2,8 @@
 //!
 //! [`pixels`] turns a stored image into the array the model sees; it is the one
 //! implementation of the preprocessing contract (docs/contracts.md), shared by the node and
-//! by `anatomy-node dataset build`.
+//! by `anatomy-node dataset build`. [`model`] runs the ONNX classifier on those arrays
+//! (ONNX Runtime, CUDA or CPU) after checking the model file against the same contract.
 
+pub mod model;
 pub mod pixels;
