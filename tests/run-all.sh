@@ -16,6 +16,21 @@ if [[ "$(id -u)" == 0 ]]; then
     export ANATOMY_REQUIRE_ROOT_TESTS=1
 fi
 
+# Python of the test tools (tests/tools/requirements.txt: pydicom for tests/pixels.rs, onnx for
+# the models of tests/model.rs), rebuilt when the requirements file changes; and the ONNX Runtime
+# library that tests/model.rs loads.
+venv=.venv-tests
+req_hash="$(sha256sum tests/tools/requirements.txt | cut -d' ' -f1)"
+if [[ ! -x "$venv/bin/python" || "$(cat "$venv/requirements.sha256" 2>/dev/null)" != "$req_hash" ]]; then
+    echo "== test Python: $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet -r tests/tools/requirements.txt
+    echo "$req_hash" >"$venv/requirements.sha256"
+fi
+export ANATOMY_TEST_PYTHON="$PWD/$venv/bin/python"
+bash deploy/install-onnxruntime.sh
+
 echo "== style: cargo fmt --check, cargo clippy -D warnings"
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
