@@ -5,5 +5,7 @@
 //! by `anatomy-node dataset build`. [`model`] runs the ONNX classifier on those arrays
 //! (ONNX Runtime, CUDA or CPU) after checking the model file against the same contract.
 
+pub mod coverage;
 pub mod model;
+
 pub mod pixels;
