@@ -9,3 +9,5 @@ pub mod coverage;
 pub mod model;
 
 pub mod pixels;
+pub mod select;
+
