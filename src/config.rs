@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
+use crate::anatomy::model::Device;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read configuration {path}: {source}")]
@@ -35,6 +37,80 @@ pub struct Config {
     pub series: SeriesConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub classifier: ClassifierConfig,
+}
+
+/// `classifier.key_images`: a number, or "all".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyImages {
+    Count(usize),
+    All,
+}
+
+impl<'de> Deserialize<'de> for KeyImages {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Number(usize),
+            Text(String),
+        }
+        match Form::deserialize(deserializer)? {
+            Form::Number(0) => Err(serde::de::Error::custom(
+                "key_images must be at least 1 or \"all\"",
+            )),
+            Form::Number(n) => Ok(KeyImages::Count(n)),
+            Form::Text(t) if t.eq_ignore_ascii_case("all") => Ok(KeyImages::All),
+            // Environment variables arrive as text.
+            Form::Text(t) => match t.trim().parse::<usize>() {
+                Ok(n) if n > 0 => Ok(KeyImages::Count(n)),
+                _ => Err(serde::de::Error::custom(format!(
+                    "key_images must be a positive number or \"all\", not {t:?}"
+                ))),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClassifierConfig {
+    pub enabled: bool,
+    pub model: PathBuf,
+    pub onnxruntime_library: Option<PathBuf>,
+    pub device: Device,
+    pub threads: usize,
+    pub max_batch: usize,
+    pub key_images: KeyImages,
+    pub axial_tolerance_deg: f64,
+    pub smoothing_window: usize,
+    pub min_region_fraction: f64,
+    pub min_region_images: usize,
+    pub workers: usize,
+    pub max_attempts: u32,
+    pub claim_timeout_secs: u64,
+}
+
+impl Default for ClassifierConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            model: PathBuf::from("models/anatomy.onnx"),
+            onnxruntime_library: None,
+            device: Device::Auto,
+            threads: 0,
+            max_batch: 64,
+            key_images: KeyImages::Count(32),
+            axial_tolerance_deg: 35.0,
+            smoothing_window: 3,
+            min_region_fraction: 0.1,
+            min_region_images: 2,
+            workers: 1,
+            max_attempts: 3,
+            claim_timeout_secs: 600,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -274,6 +350,16 @@ impl Config {
         if self.storage.path.is_relative() {
             self.storage.path = base.join(&self.storage.path);
         }
+        if self.classifier.model.is_relative() {
+            self.classifier.model = base.join(&self.classifier.model);
+        }
+        if let Some(lib) = self.classifier.onnxruntime_library.as_mut() {
+            if lib.as_os_str().is_empty() {
+                self.classifier.onnxruntime_library = None;
+            } else if lib.is_relative() {
+                *lib = base.join(&*lib);
+            }
+        }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -299,6 +385,27 @@ impl Config {
         if !(4096..=16 * 1024 * 1024).contains(&self.dicom.max_pdu_length) {
             return Err(ConfigError::Invalid(
                 "dicom.max_pdu_length must be between 4096 and 16777216".into(),
+            ));
+        }
+        let c = &self.classifier;
+        if !(0.0..=90.0).contains(&c.axial_tolerance_deg) {
+            return Err(ConfigError::Invalid(
+                "classifier.axial_tolerance_deg must be between 0 and 90".into(),
+            ));
+        }
+        if c.smoothing_window == 0 || c.smoothing_window % 2 == 0 {
+            return Err(ConfigError::Invalid(
+                "classifier.smoothing_window must be odd (1 = no smoothing)".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&c.min_region_fraction) {
+            return Err(ConfigError::Invalid(
+                "classifier.min_region_fraction must be between 0 and 1".into(),
+            ));
+        }
+        if c.max_batch == 0 || c.workers == 0 || c.max_attempts == 0 {
+            return Err(ConfigError::Invalid(
+                "classifier.max_batch, workers and max_attempts must be at least 1".into(),
             ));
         }
         if self.database.batch_max == 0 {
