@@ -5,6 +5,7 @@
 //! [`writer`]), so concurrent associations share transactions instead of fighting over
 //! SQLite's single write lock.
 
+mod labels;
 mod writer;
 
 use std::str::FromStr;
@@ -15,6 +16,7 @@ use sqlx::{AnyPool, Executor, Row};
 
 use crate::store::inspect::DatasetSummary;
 
+pub use labels::{IndexedImage, Job, KeyImageRow, LabelRecord, LabelStatus, SERIES_COMPLETE};
 pub use writer::IndexWriter;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
