@@ -28,6 +28,9 @@ pub struct Metrics {
     pub store_seconds: Histogram,
     pub duplicates: Family<OutcomeLabel, Counter>,
     pub series_completed: Counter,
+    pub series_labels: Family<OutcomeLabel, Counter>,
+    pub classification_seconds: Histogram,
+    pub classifier_ready: Gauge,
 }
 
 impl Default for Metrics {
@@ -87,8 +90,29 @@ impl Metrics {
             "Series marked complete (no new instance for series.stable_after_secs)",
             series_completed.clone(),
         );
+        let series_labels = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "series_labels",
+            "Series classification results recorded, by outcome (labelled, skipped, failed)",
+            series_labels.clone(),
+        );
+        let classification_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        registry.register(
+            "classification_duration_seconds",
+            "Time to classify one series (select, decode, infer), from claim to result",
+            classification_seconds.clone(),
+        );
+        let classifier_ready = Gauge::default();
+        registry.register(
+            "classifier_ready",
+            "1 when the model is loaded and series are being classified, 0 otherwise",
+            classifier_ready.clone(),
+        );
         Self {
             registry,
+            series_labels,
+            classification_seconds,
+            classifier_ready,
             associations,
             associations_active,
             dimse_responses,
@@ -125,7 +149,16 @@ impl Metrics {
             .inc();
     }
 
+    pub fn series_labelled(&self, outcome: &str) {
+        self.series_labels
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
     pub fn render(&self) -> String {
+
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
