@@ -6,6 +6,7 @@
 //! [`index`] (database) → [`series`] (completion) … and [`web`], [`metrics`] beside them.
 
 pub mod anatomy;
+pub mod classify_cli;
 pub mod config;
 pub mod dataset;
 pub mod dimse;

@@ -32,6 +32,9 @@ enum Command {
         #[command(subcommand)]
         command: DbCommand,
     },
+    /// Label the axial CT images in files or folders on disk (no server): per-image labels
+    /// and per-series coverage, as a table or JSON lines.
+    Classify(anatomy_node::classify_cli::ClassifyArgs),
     /// Training data preparation.
     Dataset {
         #[command(subcommand)]
@@ -75,6 +78,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dataset {
             command: DatasetCommand::Build(args),
         } => anatomy_node::dataset::run_build(&args.into()),
+        Command::Classify(args) => {
+            let mut config = Config::load(args.config.as_deref())?;
+            // The command's own lines go to stdout and stderr; the node's info logs (ONNX
+            // Runtime's among them) would drown them. RUST_LOG still wins.
+            config.log.level = "warn".into();
+            init_logging(&config);
+            anatomy_node::classify_cli::run(&config, &args)
+        }
         Command::Serve { config } => {
             let config = Config::load(config.as_deref())?;
             init_logging(&config);
