@@ -5,10 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::anatomy::model::{self, Model};
+use crate::anatomy::worker::{self, Classifier};
 use crate::config::Config;
 use crate::dimse::listener::Listener;
 use crate::dimse::ServiceContext;
@@ -51,6 +54,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
+    let wake = Arc::new(Notify::new());
+    let (classifier, classifier_status) = start_classifier(&config, &index, &metrics).await;
     let dicom_addr = SocketAddr::new(config.dicom.bind, config.dicom.port);
     let listener = Listener::bind(dicom_addr, ctx)
         .await
@@ -66,6 +71,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let app = web::router(web::WebState {
             index: index.clone(),
             metrics: metrics.clone(),
+            classifier: Arc::new(classifier_status),
         });
         let stop = shutdown.clone();
         Some(tokio::spawn(async move {
@@ -84,8 +90,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.series.clone(),
         index.clone(),
         metrics.clone(),
+        wake.clone(),
         shutdown.clone(),
     ));
+    let classifying =
+        classifier.map(|c| tokio::spawn(worker::run(c, wake.clone(), shutdown.clone())));
     let accepting = tokio::spawn(listener.run(shutdown.clone(), tasks.clone()));
 
     wait_for_signal().await?;
@@ -101,12 +110,78 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     let _ = completion.await;
+    if let Some(classifying) = classifying {
+        // A classification in progress finishes (its job would be redone after a restart anyway).
+        let _ = classifying.await;
+    }
     if let Some(http) = http {
         let _ = http.await;
     }
     index.close().await;
     info!("stopped");
     Ok(())
+}
+
+/// Load the model (and ONNX Runtime) when the classifier is enabled. A node that cannot
+/// classify still stores, indexes and completes series; their jobs wait in the queue for a
+/// node with a working model.
+async fn start_classifier(
+    config: &Config,
+    index: &Index,
+    metrics: &Arc<Metrics>,
+) -> (Option<Arc<Classifier>>, String) {
+    let c = &config.classifier;
+    if !c.enabled {
+        info!("classifier disabled (classifier.enabled = false): series are stored and completed, not labelled");
+        return (None, "disabled".into());
+    }
+    let (model_path, library, device, threads, max_batch) = (
+        c.model.clone(),
+        c.onnxruntime_library.clone(),
+        c.device,
+        c.threads,
+        c.max_batch,
+    );
+    let loaded = tokio::task::spawn_blocking(move || {
+        model::init_runtime(library.as_deref())?;
+        Model::load(&model_path, device, threads).map(|m| m.with_max_batch(max_batch))
+    })
+    .await;
+    let model = match loaded {
+        Ok(Ok(model)) => model,
+        Ok(Err(e)) => {
+            error!(error = %e, "classifier unavailable: series are stored and completed, and their jobs wait until a valid model is configured");
+            return (None, format!("unavailable: {e}"));
+        }
+        Err(e) => {
+            error!(error = %e, "classifier unavailable: loading the model crashed");
+            return (None, format!("unavailable: loading the model crashed: {e}"));
+        }
+    };
+    let status = format!(
+        "ready (model {}, version {}, {})",
+        c.model.display(),
+        model.info().model_version,
+        model.provider()
+    );
+    info!(classifier = %status, "classifier ready");
+    metrics.classifier_ready.set(1);
+    let classifier = Classifier {
+        model: Arc::new(model),
+        index: index.clone(),
+        metrics: metrics.clone(),
+        storage_root: config.storage.path.clone(),
+        config: c.clone(),
+        node_id: node_id(),
+    };
+    (Some(Arc::new(classifier)), status)
+}
+
+/// This node in the work queue: host name and process id.
+fn node_id() -> String {
+    let host =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "node".into());
+    format!("{}:{}", host.trim(), std::process::id())
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

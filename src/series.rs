@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span};
 
@@ -16,10 +17,12 @@ use crate::store::now_millis;
 /// Series completed per database round trip.
 const BATCH: i64 = 100;
 
+/// `wake` is notified whenever series complete, so classification starts at once.
 pub async fn run_completion(
     config: SeriesConfig,
     index: Index,
     metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     let interval = Duration::from_millis(config.check_interval_ms.max(50));
@@ -46,6 +49,11 @@ pub async fn run_completion(
                         );
                         metrics.series_completed.inc();
                     }
+                    // notify_one keeps a permit for a worker that is not waiting yet.
+                    for _ in 0..done.len().min(8) {
+                        wake.notify_one();
+                    }
+
                     if (done.len() as i64) < BATCH {
                         break;
                     }

@@ -17,6 +17,8 @@ use crate::metrics::Metrics;
 pub struct WebState {
     pub index: Index,
     pub metrics: Arc<Metrics>,
+    /// One line on the classifier ("ready ...", "unavailable: why", "disabled").
+    pub classifier: Arc<String>,
 }
 
 pub fn router(state: WebState) -> Router {
@@ -26,10 +28,14 @@ pub fn router(state: WebState) -> Router {
         .with_state(state)
 }
 
-/// 200 when the index answers, 503 with the reason otherwise.
+/// 200 when the index answers (the node can take images), 503 with the reason otherwise.
+/// The second line says whether series are being classified.
 async fn healthz(State(state): State<WebState>) -> impl IntoResponse {
     match tokio::time::timeout(Duration::from_secs(3), state.index.ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ok\n".to_string()),
+        Ok(Ok(())) => (
+            StatusCode::OK,
+            format!("ok\nclassifier: {}\n", state.classifier),
+        ),
         Ok(Err(e)) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("index unavailable: {e}\n"),

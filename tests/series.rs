@@ -126,7 +126,12 @@ fn healthz_and_metrics_tell_what_happened() {
     let (_, files) = data::synthetic_series(work.path(), 22, 4, 64);
     let node = Node::start();
     let (status, body) = node.http_get("/healthz");
-    assert_eq!((status, body.trim()), (200, "ok"));
+    assert_eq!(status, 200);
+    assert_eq!(
+        body.lines().collect::<Vec<_>>(),
+        ["ok", "classifier: disabled"]
+    );
+
     let out = node.storescu(&[], &files);
     assert!(out.status.success());
     let (status, metrics) = node.http_get("/metrics");

@@ -13,4 +13,4 @@ pub mod model;
 
 pub mod pixels;
 pub mod select;
-
+pub mod worker;

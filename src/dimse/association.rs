@@ -81,7 +81,12 @@ pub async fn serve(
             Ok(Err(e)) => {
                 let outcome = rejection_outcome(&e);
                 ctx.metrics.association(&outcome);
-                warn!(error = %e, outcome, "association not established");
+                if outcome == "closed_before_request" {
+                    // Port probes and health checks connect and leave: not worth a warning.
+                    debug!("connection closed before an A-ASSOCIATE-RQ");
+                } else {
+                    warn!(error = %e, outcome, "association not established");
+                }
                 return;
             }
             Ok(Ok(a)) => a,
@@ -117,8 +122,23 @@ fn rejection_outcome(e: &dicom_ul::association::Error) -> String {
                 _ => "rejected_other".into(),
             }
         }
+        e if is_closed_before_request(e) => "closed_before_request".into(),
         _ => "failed".into(),
     }
+}
+
+fn is_closed_before_request(e: &dicom_ul::association::Error) -> bool {
+    let mut cause: Option<&dyn std::error::Error> = Some(e);
+    while let Some(c) = cause {
+        if matches!(
+            c.downcast_ref::<dicom_ul::association::Error>(),
+            Some(dicom_ul::association::Error::ConnectionClosed { .. })
+        ) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 fn accepted_contexts(

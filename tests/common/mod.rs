@@ -4,6 +4,8 @@
 
 pub mod data;
 pub mod db;
+pub mod models;
+
 pub mod node;
 pub mod scu;
 

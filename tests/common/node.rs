@@ -27,6 +27,8 @@ pub struct NodeOptions {
     pub extra_dicom: String,
     /// Environment variables for the node process.
     pub env: Vec<(String, String)>,
+    /// The [classifier] section (raw TOML, without the header); default: disabled.
+    pub classifier: String,
 }
 
 impl Default for NodeOptions {
@@ -42,6 +44,7 @@ impl Default for NodeOptions {
             storage: None,
             extra_dicom: String::new(),
             env: Vec::new(),
+            classifier: "enabled = false".into(),
         }
     }
 }
@@ -154,7 +157,11 @@ check_interval_ms = 200
 
 [log]
 level = "info,anatomy_node=debug"
+
+[classifier]
+{classifier}
 "#,
+            classifier = o.classifier,
             dicom_port = self.dicom_port,
             http_port = self.http_port,
             max_assoc = o.max_associations,
