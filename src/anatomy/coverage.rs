@@ -15,7 +15,11 @@ pub struct Region {
     pub code_meaning: &'static str,
 }
 
-const fn sct(body_part: &'static str, code_value: &'static str, code_meaning: &'static str) -> Region {
+const fn sct(
+    body_part: &'static str,
+    code_value: &'static str,
+    code_meaning: &'static str,
+) -> Region {
     Region {
         body_part,
         code_value,
@@ -30,13 +34,22 @@ pub const ABDOMEN: Region = sct("ABDOMEN", "818981001", "Abdomen");
 pub const PELVIS: Region = sct("PELVIS", "816092008", "Pelvis");
 pub const LOWER_LIMB: Region = sct("LOWERLIMB", "61685007", "Lower limb");
 pub const NECK_CHEST: Region = sct("NECKCHEST", "417437006", "Neck and Chest");
-pub const NECK_CHEST_ABDOMEN: Region = sct("NECKCHESTABDOMEN", "416152001", "Neck, Chest and Abdomen");
-pub const NECK_CHEST_ABDOMEN_PELVIS: Region =
-    sct("NECKCHESTABDPELV", "416319003", "Neck, Chest, Abdomen and Pelvis");
+pub const NECK_CHEST_ABDOMEN: Region =
+    sct("NECKCHESTABDOMEN", "416152001", "Neck, Chest and Abdomen");
+pub const NECK_CHEST_ABDOMEN_PELVIS: Region = sct(
+    "NECKCHESTABDPELV",
+    "416319003",
+    "Neck, Chest, Abdomen and Pelvis",
+);
 pub const CHEST_ABDOMEN: Region = sct("CHESTABDOMEN", "416550000", "Chest and Abdomen");
-pub const CHEST_ABDOMEN_PELVIS: Region = sct("CHESTABDPELVIS", "416775004", "Chest, Abdomen and Pelvis");
+pub const CHEST_ABDOMEN_PELVIS: Region =
+    sct("CHESTABDPELVIS", "416775004", "Chest, Abdomen and Pelvis");
 pub const ABDOMEN_PELVIS: Region = sct("ABDOMENPELVIS", "818982008", "Abdomen and Pelvis");
-pub const PELVIS_LOWER_LIMBS: Region = sct("PELVISLOWEXTREMT", "1231522001", "Pelvis and lower extremities");
+pub const PELVIS_LOWER_LIMBS: Region = sct(
+    "PELVISLOWEXTREMT",
+    "1231522001",
+    "Pelvis and lower extremities",
+);
 
 /// The region of each of the paper's classes, in head-to-foot order. Other classes a model
 /// may add (e.g. `other`: head, mid-abdomen, arms) have no region.
@@ -167,7 +180,13 @@ fn smooth(images: &[Labelled], window: usize) -> Vec<Vec<f32>> {
 pub fn argmax(p: &[f32]) -> usize {
     p.iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) })
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
         .0
 }
 
@@ -241,13 +260,18 @@ mod tests {
     use super::*;
 
     fn classes() -> Vec<String> {
-        ["neck", "lungs", "liver", "pelvis", "legs", "other"].map(String::from).to_vec()
+        ["neck", "lungs", "liver", "pelvis", "legs", "other"]
+            .map(String::from)
+            .to_vec()
     }
 
     fn one_hot(class: usize, z: f64) -> Labelled {
         let mut p = vec![0.0; 6];
         p[class] = 1.0;
-        Labelled { z_mm: z, probabilities: p }
+        Labelled {
+            z_mm: z,
+            probabilities: p,
+        }
     }
 
     fn series(spec: &[(usize, usize)]) -> Vec<Labelled> {
@@ -280,7 +304,11 @@ mod tests {
         imgs[10] = one_hot(4, imgs[10].z_mm); // one "legs" in the middle of the chest
         let c = coverage(&imgs, &classes(), &CoverageRules::default());
         assert!(c.labels.iter().all(|l| l != "legs"), "{:?}", c.labels);
-        assert_eq!(c.body_part_examined, Some(CHEST), "2 of 32 liver images stay below 10 %");
+        assert_eq!(
+            c.body_part_examined,
+            Some(CHEST),
+            "2 of 32 liver images stay below 10 %"
+        );
     }
 
     #[test]
