@@ -158,7 +158,6 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
