@@ -19,6 +19,7 @@ fn test_model(dir: &Path, extra: &[&str]) -> PathBuf {
     let mut args = vec!["--size", "64", "--kind", "stats"];
     args.extend_from_slice(extra);
     common::models::make(dir, "model", &args)
+        .expect("a Python with onnx (tests/run-all.sh makes .venv-tests)")
 }
 
 fn classifier_options(model: &Path, key_images: usize) -> NodeOptions {
@@ -207,8 +208,10 @@ fn an_unusable_model_leaves_series_queued_and_a_fixed_node_labels_them() {
         work.path(),
         "bad",
         &["--size", "64", "--kind", "stats", "--drop-key", "hu_window"],
-    );
-    let mut node = Node::start_with(classifier_options(&bad, 8));
+    )
+    .expect("a Python with onnx (tests/run-all.sh makes .venv-tests)");
+    let mut node
+ = Node::start_with(classifier_options(&bad, 8));
     let (health_status, health) = node.http_get("/healthz");
     assert_eq!(health_status, 200, "the node still takes images");
     assert!(

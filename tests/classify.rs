@@ -343,52 +343,12 @@ fn selected(selection: Selection) -> Vec<KeyImage> {
 // ---------------------------------------------------------------------------------------
 // Models and the CLI
 
-/// A Python that can `import onnx, numpy`: `ANATOMY_TEST_PYTHON`, else
-/// `.venv-tests/bin/python`, else `python3`; `None` (a skip) only where allowed.
-fn python() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidates = [
-        std::env::var_os("ANATOMY_TEST_PYTHON").map(PathBuf::from),
-        Some(root.join(".venv-tests/bin/python")),
-        Some(PathBuf::from("python3")),
-    ];
-    let found = candidates.into_iter().flatten().find(|python| {
-        Command::new(python)
-            .args(["-c", "import onnx, numpy"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if found.is_none() {
-        let how = "no Python with the `onnx` package to write test models: run \
-                   `python3 -m venv .venv-tests && .venv-tests/bin/pip install -r \
-                   tests/tools/requirements.txt` (tests/run-all.sh does it), or set \
-                   ANATOMY_TEST_PYTHON";
-        if std::env::var("ANATOMY_ALLOW_SKIP_PYTHON").as_deref() == Ok("1") {
-            eprintln!("SKIPPED: {how}");
-        } else {
-            panic!("{how}; ANATOMY_ALLOW_SKIP_PYTHON=1 skips these tests instead");
-        }
-    }
-    found
-}
-
-/// `<dir>/<name>.onnx` (and its `.json` parameters) from make_test_model.py.
+/// `<dir>/<name>.onnx` (and its `.json` parameters) at this file's input size.
 fn make_model(dir: &Path, name: &str, args: &[&str]) -> Option<PathBuf> {
-    let python = python()?;
-    let out = dir.join(format!("{name}.onnx"));
-    let output = Command::new(python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/make_test_model.py"))
-        .arg(&out)
-        .args(["--size", &SIZE.to_string()])
-        .args(args)
-        .output()
-        .expect("run make_test_model.py");
-    assert!(
-        output.status.success(),
-        "make_test_model.py {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Some(out)
+    let size = SIZE.to_string();
+    let mut all = vec!["--size", size.as_str()];
+    all.extend_from_slice(args);
+    common::models::make(dir, name, &all)
 }
 
 /// The `stats` model's probabilities for one windowed `SIZE × SIZE` input, from its

@@ -9,8 +9,9 @@
 //! fail. The missing-library cases live in tests/model_runtime.rs: this binary loads the
 //! library, and a process loads it only once.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use anatomy_node::anatomy::model::{
@@ -19,54 +20,10 @@ use anatomy_node::anatomy::model::{
 
 const CLASSES: [&str; 6] = ["neck", "lungs", "liver", "pelvis", "legs", "other"];
 
-/// A Python that can `import onnx, numpy`: `ANATOMY_TEST_PYTHON`, else
-/// `.venv-tests/bin/python` (tests/run-all.sh creates it), else `python3`.
-fn python() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidates = [
-        std::env::var_os("ANATOMY_TEST_PYTHON").map(PathBuf::from),
-        Some(root.join(".venv-tests/bin/python")),
-        Some(PathBuf::from("python3")),
-    ];
-    let found = candidates.into_iter().flatten().find(|python| {
-        Command::new(python)
-            .args(["-c", "import onnx, numpy"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if found.is_none() {
-        let how = "no Python with the `onnx` package to write test models: run \
-                   `python3 -m venv .venv-tests && .venv-tests/bin/pip install -r \
-                   tests/tools/requirements.txt` (tests/run-all.sh does it), or set \
-                   ANATOMY_TEST_PYTHON";
-        if std::env::var("ANATOMY_ALLOW_SKIP_PYTHON").as_deref() == Ok("1") {
-            eprintln!("SKIPPED: {how}");
-        } else {
-            panic!("{how}; ANATOMY_ALLOW_SKIP_PYTHON=1 skips these tests instead");
-        }
-    }
-    found
-}
-
 /// Writes `<name>.onnx` (and `<name>.json`) with make_test_model.py and `args`.
 fn make_model(name: &str, args: &[&str]) -> Option<PathBuf> {
-    let python = python()?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("model-tests")
-        .join(format!("{name}.onnx"));
-    let output = Command::new(python)
-        .arg(root.join("tests/tools/make_test_model.py"))
-        .arg(&out)
-        .args(args)
-        .output()
-        .expect("run make_test_model.py");
-    assert!(
-        output.status.success(),
-        "make_test_model.py {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Some(out)
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("model-tests");
+    common::models::make(&dir, name, args)
 }
 
 fn load(path: &Path) -> Model {
