@@ -10,6 +10,7 @@ pub mod classify_cli;
 pub mod config;
 pub mod dataset;
 pub mod dimse;
+pub mod eval;
 pub mod index;
 pub mod metrics;
 pub mod node;

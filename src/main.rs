@@ -35,6 +35,9 @@ enum Command {
     /// Label the axial CT images in files or folders on disk (no server): per-image labels
     /// and per-series coverage, as a table or JSON lines.
     Classify(anatomy_node::classify_cli::ClassifyArgs),
+    /// Score a model on a dataset folder (error, AUC, confusion, patients, calibration):
+    /// summary on stdout, metrics.json and plots in --out.
+    Eval(anatomy_node::eval::EvalArgs),
     /// Training data preparation.
     Dataset {
         #[command(subcommand)]
@@ -78,6 +81,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dataset {
             command: DatasetCommand::Build(args),
         } => anatomy_node::dataset::run_build(&args.into()),
+        Command::Eval(args) => anatomy_node::eval::run_eval(args),
         Command::Classify(args) => {
             let mut config = Config::load(args.config.as_deref())?;
             // The command's own lines go to stdout and stderr; the node's info logs (ONNX
