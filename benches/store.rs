@@ -171,7 +171,7 @@ impl Receiver {
                     &config,
                     format!(
                         "[dicom]\nae_title = \"ANATOMY\"\nbind = \"127.0.0.1\"\nport = {port}\nallowed_peers = \"STORESCU@127.0.0.1\"\n\
-                         [http]\nenabled = false\n[storage]\npath = \"{}\"\n[database]\nurl = \"{db}\"\n[log]\nlevel = \"warn\"\n",
+                         [http]\nenabled = false\n[storage]\npath = \"{}\"\n[database]\nurl = \"{db}\"\n[log]\nlevel = \"warn\"\n[classifier]\nenabled = false\n",
                         dir.join("storage").display()
                     ),
                 )
