@@ -47,6 +47,13 @@ class AugmentConfig:
     noise_hu: float = 15.0  # plus Gaussian noise with std uniform in [0, this] HU
     lowres_p: float = 0.25  # probability of a down-and-up-sampling...
     lowres_min: float = 0.4  # ...to a fraction of the size uniform in [this, 0.9]
+    # Pairing of crops (see pair_composite): an image of a `pair_classes` class whose body fills
+    # more than pair_min_fill of the image (a one-thigh sarcoma crop) becomes, with probability
+    # pair_p, two shrunken copies side by side, one mirrored: a full-field pair of legs/hips.
+    pair_p: float = 0.5
+    pair_scale_min: float = 0.22  # size of each copy, fraction of the image side, uniform
+    pair_scale_max: float = 0.45
+    pair_min_fill: float = 0.3  # fraction of the image inside the body (HU > -500)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,11 +89,59 @@ def sampling_grid(n: int, size: int, cfg: AugmentConfig, gen: torch.Generator,
     return grid
 
 
+def body_fill(hu: torch.Tensor) -> torch.Tensor:
+    """Fraction of each image [n,1,S,S] inside the body (HU > -500): ~1 for a crop that one
+    thigh fills, a few percent for a full-body field of view."""
+    return (hu > -500).float().mean(dim=(1, 2, 3))
+
+
+def pair_composite(hu: torch.Tensor, eligible: torch.Tensor, cfg: AugmentConfig,
+                   gen: torch.Generator) -> torch.Tensor:
+    """Two shrunken copies of a cropped image side by side, the second mirrored, on air.
+
+    Every leg and most pelvis images of the development data are sarcoma crops in which one
+    thigh (or hip) fills the image; the only full-field legs are one cadaver's, small in a wide
+    field of view, and a net trained on the crops calls those "neck". This turns a crop into
+    the picture a full field of view gives: a left and a right limb, small, with air around.
+    One size per batch (one area down-sampling); positions per image. Label-safe for legs and
+    pelvis (left and right are anatomically alike). `eligible`: bool [n] (CPU)."""
+    n, _, S, _ = hu.shape
+    pick = (torch.rand(n, generator=gen) < cfg.pair_p) & eligible.cpu()
+    f = float(_uniform(1, cfg.pair_scale_min, cfg.pair_scale_max, gen))
+    rand = torch.rand(n, 4, generator=gen)  # gap, x jitter, y jitter, which copy is mirrored
+    if not pick.any():
+        return hu
+    s = max(4, round(S * f))
+    idx = pick.nonzero().squeeze(1)
+    small = F.interpolate(hu[idx.to(hu.device)], size=(s, s), mode="area")
+    out = hu.clone()
+    for j, i in enumerate(idx.tolist()):
+        gap = int((rand[i, 0] * 0.12 - 0.04) * S)  # slight overlap .. a hand's width apart
+        gap = min(gap, S - 2 * s)
+        span = 2 * s + gap
+        x0 = (S - span) // 2 + int((rand[i, 1] - 0.5) * (S - span))
+        y0 = (S - s) // 2 + int((rand[i, 2] - 0.5) * 0.3 * (S - s))
+        a, b = small[j], small[j].flip(-1)
+        if rand[i, 3] < 0.5:
+            a, b = b, a
+        canvas = torch.full_like(hu[i], AIR_HU)
+        canvas[:, y0:y0 + s, x0:x0 + s] = a
+        xb = x0 + s + gap
+        canvas[:, y0:y0 + s, xb:xb + s] = torch.maximum(canvas[:, y0:y0 + s, xb:xb + s], b)
+        out[i] = canvas
+    return out
+
+
 def augment(hu: torch.Tensor, low: float, high: float, cfg: AugmentConfig,
-            gen: torch.Generator) -> torch.Tensor:
-    """HU batch [n,1,S,S] (float, any device) → augmented unit-normalised batch in [0, 1]."""
+            gen: torch.Generator, pair: torch.Tensor | None = None) -> torch.Tensor:
+    """HU batch [n,1,S,S] (float, any device) → augmented unit-normalised batch in [0, 1].
+
+    `pair`: optional bool [n], the images that pair_composite may turn into a pair (by class
+    and body fill; the caller knows the classes)."""
     n, _, size, _ = hu.shape
     dev = hu.device
+    if pair is not None and cfg.pair_p > 0:
+        hu = pair_composite(hu, pair, cfg, gen)
     per = lambda t: t.to(dev).view(n, 1, 1, 1)
     scale = per(_uniform(n, 1 - cfg.hu_scale, 1 + cfg.hu_scale, gen))
     offset = per(_uniform(n, -cfg.hu_offset, cfg.hu_offset, gen))

@@ -41,10 +41,12 @@ def cmd_train(a) -> int:
         rotate_deg=a.rotate, scale_min=a.scale[0], scale_max=a.scale[1], translate=a.translate, elastic_sigma=a.elastic,
         elastic_grid=a.elastic_grid, hflip=a.hflip, hu_scale=a.hu_scale, hu_offset=a.hu_offset,
         noise_hu=a.noise_hu, lowres_p=a.lowres_p, lowres_min=a.lowres_min,
+        pair_p=a.pair_p, pair_scale_min=a.pair_scale[0], pair_scale_max=a.pair_scale[1],
+        pair_min_fill=a.pair_min_fill,
     )
     if a.no_augment:
         aug = AugmentConfig(rotate_deg=0, scale_min=1, scale_max=1, translate=0, elastic_sigma=0, hflip=0, hu_scale=0,
-                            hu_offset=0, noise_hu=0, lowres_p=0)
+                            hu_offset=0, noise_hu=0, lowres_p=0, pair_p=0)
     cfg = TrainConfig(
         data=a.data, out=a.out, classes=a.classes, hu_window=a.hu_window, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs,
@@ -52,7 +54,8 @@ def cmd_train(a) -> int:
         dropout=a.dropout, patience=a.patience, seed=a.seed, device=a.device, amp=a.amp,
         channels_last=a.channels_last, compile=a.compile, deterministic=not a.nondeterministic,
         limit=a.limit, steps_per_epoch=a.steps_per_epoch, eval_batch_size=a.eval_batch_size,
-        model_version=a.model_version, augment=aug,
+        model_version=a.model_version, augment=aug, pair_classes=a.pair_classes,
+        nonaxial=not a.no_nonaxial, nonaxial_min_slices=a.nonaxial_min_slices,
     )
     if a.threads:
         import torch
@@ -64,7 +67,8 @@ def cmd_train(a) -> int:
 def cmd_export(a) -> int:
     from .export import export
 
-    meta = export(a.checkpoint, a.out, model_version=a.model_version, verify=not a.no_verify)
+    meta = export(a.checkpoint, a.out, model_version=a.model_version, verify=not a.no_verify,
+                  trained_on=a.trained_on)
     size = Path(a.out).stat().st_size
     print(f"wrote {a.out} ({size / 2**20:.2f} MiB)")
     for k, v in meta.items():
@@ -100,24 +104,76 @@ def cmd_evaluate(a) -> int:
     if ds.input_size != size:
         raise SystemExit(f"dataset input_size {ds.input_size} != model input_size {size}")
     targets = ds.targets(classes)
+
+    def probabilities(uint16_images):
+        hu = torch.from_numpy(uint16_images.astype(np.float32) - ds.hu_offset)
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(hu), a.batch_size):
+                out.append(predict(data.to_unit(hu[i:i + a.batch_size].unsqueeze(1), low, high)))
+        return np.concatenate(out) if out else np.zeros((0, len(classes)), np.float32)
+
     report = {}
     for split in a.splits:
         m = ds.split == split
         if not m.any():
             continue
-        hu = torch.from_numpy(ds.images[m].astype(np.float32) - ds.hu_offset)
-        probs = []
-        with torch.no_grad():
-            for i in range(0, len(hu), a.batch_size):
-                probs.append(predict(data.to_unit(hu[i:i + a.batch_size].unsqueeze(1), low, high)))
-        r = metrics.classification_report(np.concatenate(probs), targets[m], classes)
+        probs = probabilities(ds.images[m])
+        r = metrics.classification_report(probs, targets[m], classes)
+        r["patients"] = metrics.patient_report(probs, targets[m], ds.patient_key[m])
         report[split] = r
         print(f"{split}: {metrics.format_report(r, classes)}")
         if r.get("images"):
             print(metrics.format_confusion(r, classes))
+            p = r["patients"]
+            print(f"{split} patients: {p['patients']}, wrong by majority vote: {p['errors']} (patient_error "
+                  f"{100 * p['patient_error']:.1f}%), with a wrong slice: {p['with_error']} "
+                  f"({100 * p['any_slice_error']:.1f}%), mean per-patient slice error "
+                  f"{100 * p['mean_patient_slice_error']:.2f}%")
+        if a.nonaxial and "other" in classes:
+            from .nonaxial import make
+            images, kinds = make(ds, split, a.seed)
+            if len(images):
+                r["nonaxial"] = metrics.other_report(probabilities(images), kinds, classes)
+                print(f"{split} synthetic non-axial/scout: {metrics.format_other(r['nonaxial'])}")
+        if a.pairs:
+            r["pairs"] = pairs_report(ds, m, targets, classes, probabilities, a.seed)
+            if r["pairs"]["images"]:
+                print(f"{split} synthetic full-field pairs of cropped legs/pelvis: n={r['pairs']['images']} "
+                      f"error={100 * r['pairs']['error']:.1f}% predicted {r['pairs']['predicted']}")
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2, default=float))
+    if a.headline:
+        if a.headline_split not in report:
+            raise SystemExit(f"--headline: split {a.headline_split!r} was not scored (see --splits)")
+        head = metrics.headline(report[a.headline_split], classes, ds.info, a.headline_split)
+        head["model"] = {"file": path.name, "model_version": meta.get("model_version") if path.suffix == ".onnx"
+                         else ckpt.get("model_version"), "scored_by": "python -m training evaluate"}
+        Path(a.headline).write_text(json.dumps(head, indent=2, default=float) + "\n")
+        print(f"wrote {a.headline}")
     return 0
+
+
+def pairs_report(ds, mask, targets, classes, probabilities, seed: int) -> dict:
+    """Every cropped legs/pelvis image of the split turned into a full-field left-right pair
+    (augment.pair_composite, p = 1): does the model still see legs/pelvis in a wide field?"""
+    import torch
+
+    from .augment import AugmentConfig, body_fill, pair_composite
+    cfg = AugmentConfig(pair_p=1.0)
+    want = [classes.index(c) for c in ("legs", "pelvis") if c in classes]
+    hu = torch.from_numpy(ds.images[mask].astype(np.float32) - ds.hu_offset).unsqueeze(1)
+    t = targets[mask]
+    pick = torch.from_numpy(np.isin(t, want)) & (body_fill(hu) > cfg.pair_min_fill)
+    if not pick.any():
+        return {"images": 0}
+    gen = torch.Generator().manual_seed(seed)
+    paired = torch.cat([pair_composite(hu[i:i + 32], pick[i:i + 32], cfg, gen) for i in range(0, len(hu), 32)])
+    sel = pick.numpy()
+    images = (paired[sel, 0].numpy() + ds.hu_offset).clip(0, 65535).astype(np.uint16)
+    pred = probabilities(images).argmax(1)
+    return {"images": int(sel.sum()), "error": float((pred != t[sel]).mean()),
+            "predicted": {c: int((pred == i).sum()) for i, c in enumerate(classes) if (pred == i).any()}}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -191,6 +247,17 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-hu", type=float, default=da.noise_hu, help="Gaussian noise std up to this many HU")
     g.add_argument("--lowres-p", type=float, default=da.lowres_p, help="probability of a down-and-up-sampling (resolution jitter)")
     g.add_argument("--lowres-min", type=float, default=da.lowres_min, help="smallest down-sampling factor")
+    g.add_argument("--pair-p", type=float, default=da.pair_p,
+                   help="probability that a crop of a --pair-classes class becomes two shrunken copies side by side (one mirrored)")
+    g.add_argument("--pair-scale", type=_floats, default=(da.pair_scale_min, da.pair_scale_max),
+                   help="MIN,MAX size of each copy of a pair, fraction of the image side")
+    g.add_argument("--pair-min-fill", type=float, default=da.pair_min_fill,
+                   help="only images whose body (HU > -500) fills more than this share are paired (crops)")
+    g.add_argument("--pair-classes", type=_names, default=d.pair_classes, help="classes whose crops may be paired")
+    g.add_argument("--no-nonaxial", action="store_true",
+                   help="do not add synthetic non-axial/scout images of the training series as `other`")
+    g.add_argument("--nonaxial-min-slices", type=int, default=d.nonaxial_min_slices,
+                   help="series with fewer images give no synthetic non-axial images")
     g.add_argument("--no-augment", action="store_true", help="turn every augmentation off")
     s.set_defaults(func=cmd_train)
 
@@ -201,6 +268,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="model.pt written by `train`")
     s.add_argument("out", help="output .onnx path")
     s.add_argument("--model-version", default=None, help="override the checkpoint's model_version")
+    s.add_argument("--trained-on", default=None, help="override the checkpoint's trained_on (dataset summary)")
     s.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch parity check")
     s.set_defaults(func=cmd_export)
 
@@ -213,6 +281,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64, help="inference batch size")
     s.add_argument("--limit", type=int, default=0, help="use only N evenly spaced images (0: all)")
     s.add_argument("--json", default=None, help="also write the report to this JSON file")
+    s.add_argument("--headline", default=None, help="write the model card's metrics JSON (dataset section, "
+                   "slice_error, mean_auc, per_class_auc, patient_error, ece, confusion) for --headline-split")
+    s.add_argument("--headline-split", default="test", help="split whose scores --headline writes")
+    s.add_argument("--nonaxial", action="store_true", help="also score synthetic non-axial/scout images of "
+                   "each split's series (right answer: other; see nonaxial.py)")
+    s.add_argument("--pairs", action="store_true", help="also score full-field left-right pairs made of each "
+                   "split's cropped legs/pelvis images (see augment.pair_composite)")
+    s.add_argument("--seed", type=int, default=2016, help="seed of the synthetic images (--nonaxial, --pairs)")
     s.set_defaults(func=cmd_evaluate)
     return p
 

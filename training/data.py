@@ -74,7 +74,14 @@ class Dataset:
     def summary(self, classes=CLASSES) -> str:
         """One line for the model's `trained_on` metadata and logs."""
         name = self.info.get("name") or Path(self.source).name
-        parts = [f"{name} ({self.info.get('format', DATASET_FORMAT)})",
+        build = self.info.get("format", DATASET_FORMAT)
+        if self.info.get("labels_file") and not self.info.get("name"):
+            # written by `anatomy-node dataset build`: name what it was built from, and how
+            name = self.info["labels_file"]
+            ratios = "/".join(f"{float(v):g}" for v in self.info.get("split_ratios", []))
+            build = (f"anatomy-node dataset build, {build}, size {self.input_size}, "
+                     f"seed {self.info.get('seed')}, split {ratios}")
+        parts = [f"{name} ({build})",
                  f"{len(self)} images", f"{len(set(self.patient_key))} patients"]
         for s in ("train", "val", "test"):
             m = self.split == s

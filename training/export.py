@@ -34,7 +34,7 @@ class ExportWrapper(nn.Module):
         return torch.softmax(self.model(image) * self.inv_temperature, dim=1)
 
 
-def metadata(ckpt: dict, model_version: str | None = None) -> dict[str, str]:
+def metadata(ckpt: dict, model_version: str | None = None, trained_on: str | None = None) -> dict[str, str]:
     """The contract's metadata_props; every value a string, JSON where the contract says so."""
     low, high = ckpt["hu_window"]
     fmt = lambda v: json.dumps(int(v) if float(v).is_integer() else float(v))
@@ -44,13 +44,13 @@ def metadata(ckpt: dict, model_version: str | None = None) -> dict[str, str]:
         "hu_window": f"[{fmt(low)}, {fmt(high)}]",
         "normalization": "unit",
         "model_version": model_version or ckpt["model_version"],
-        "trained_on": ckpt["trained_on"],
+        "trained_on": trained_on or ckpt["trained_on"],
         "temperature": repr(float(ckpt["temperature"])),
     }
 
 
 def export(checkpoint: str | Path, out: str | Path, model_version: str | None = None,
-           verify: bool = True) -> dict[str, str]:
+           verify: bool = True, trained_on: str | None = None) -> dict[str, str]:
     import onnx
 
     model, ckpt = load_checkpoint(checkpoint, "cpu")
@@ -69,7 +69,7 @@ def export(checkpoint: str | Path, out: str | Path, model_version: str | None = 
             do_constant_folding=True,
         )
     proto = onnx.load_from_string(buf.getvalue())
-    meta = metadata(ckpt, model_version)
+    meta = metadata(ckpt, model_version, trained_on)
     del proto.metadata_props[:]
     for k, v in meta.items():
         entry = proto.metadata_props.add()

@@ -75,3 +75,84 @@ def format_confusion(r: dict, classes) -> str:
     for c, row in zip(classes, r["confusion"]):
         lines.append(c.ljust(w) + "".join(str(v).rjust(w) for v in row))
     return "\n".join(lines)
+
+
+def other_report(probs: np.ndarray, kinds: np.ndarray, classes) -> dict:
+    """Images whose right answer is `other` (e.g. synthetic non-axial ones): how many get it,
+    overall and per kind, and what the rest are called."""
+    other = list(classes).index("other")
+    pred = probs.argmax(1)
+    r = {"images": int(len(pred)), "other_rate": float((pred == other).mean()),
+         "predicted": {c: int((pred == i).sum()) for i, c in enumerate(classes)}, "kinds": {}}
+    for k in sorted(set(kinds.tolist())):
+        m = kinds == k
+        r["kinds"][k] = {"images": int(m.sum()), "other_rate": float((pred[m] == other).mean())}
+    return r
+
+
+def format_other(r: dict) -> str:
+    kinds = " ".join(f"{k}={100 * v['other_rate']:.0f}%/{v['images']}" for k, v in r["kinds"].items())
+    wrong = ", ".join(f"{c} {n}" for c, n in r["predicted"].items() if c != "other" and n)
+    return (f"n={r['images']} called other: {100 * r['other_rate']:.1f}% [{kinds}]"
+            + (f"; otherwise {wrong}" if wrong else ""))
+
+
+def patient_report(probs: np.ndarray, targets: np.ndarray, patients: np.ndarray) -> dict:
+    """Per patient, over its scored slices (ambiguous excluded), as `anatomy-node eval` does it:
+    true class = most frequent label, predicted class = most frequent slice prediction (ties go
+    to the class first in the class order); `patient_error` is the share of patients whose two
+    differ. Also `any_slice_error` (share of patients with at least one wrong slice) and
+    `mean_patient_slice_error` (every patient weighs the same, however many slices it has)."""
+    keep = targets >= 0
+    pred, targets, patients = probs[keep].argmax(1), targets[keep], np.asarray(patients)[keep]
+    C = probs.shape[1]
+    errors, wrong_vote = {}, 0
+    for p in sorted(set(patients.tolist())):
+        m = patients == p
+        errors[p] = float((pred[m] != targets[m]).mean())
+        # argmax of the counts takes the first class on ties: the class order
+        wrong_vote += int(np.bincount(targets[m], minlength=C).argmax() != np.bincount(pred[m], minlength=C).argmax())
+    n = len(errors)
+    with_error = sum(1 for e in errors.values() if e > 0)
+    return {"patients": n, "errors": wrong_vote, "with_error": with_error,
+            "patient_error": wrong_vote / n if n else float("nan"),
+            "any_slice_error": with_error / n if n else float("nan"),
+            "mean_patient_slice_error": float(np.mean(list(errors.values()))) if n else float("nan"),
+            "slice_error_by_patient": {p: e for p, e in errors.items() if e > 0}}
+
+
+def headline(report: dict, classes, dataset_info: dict, split: str) -> dict:
+    """The model card's figures in the layout of models/anatomy.metrics.json."""
+    aucs = {c: report["auc"][c] for c in classes}
+    return {
+        "dataset": {
+            "size": int(dataset_info.get("input_size")),
+            "seed": dataset_info.get("seed"),
+            "split_ratios": dataset_info.get("split_ratios"),
+            "labels": dataset_info.get("labels_file", "labels.csv"),
+            "split": split,
+            "images_scored": report["images"],
+            "patients": report["patients"]["patients"],
+        },
+        "slice_error": report["error"],
+        "mean_auc": report["mean_auc"],
+        "per_class_auc": {c: (None if np.isnan(v) else v) for c, v in aucs.items()},
+        "patient_error": report["patients"]["patient_error"],
+        "patient_any_slice_error": report["patients"]["any_slice_error"],
+        "mean_patient_slice_error": report["patients"]["mean_patient_slice_error"],
+        "ece": report["ece"],
+        "nll": report["nll"],
+        "per_class_error": report["per_class_error"],
+        "classes": list(classes),
+        "confusion": report["confusion"],
+        "definitions": {
+            "scored": "test-split slices of the dataset, label 'ambiguous' excluded",
+            "slice_error": "share of scored slices whose argmax class is not the label",
+            "mean_auc": "mean over classes of the one-vs-rest ROC AUC of that class's probability",
+            "patient_error": "share of test patients whose majority slice prediction differs from their majority label (ties: first in class order)",
+            "patient_any_slice_error": "share of test patients with at least one wrongly labelled scored slice",
+            "mean_patient_slice_error": "mean over test patients of their slice error",
+            "ece": "expected calibration error of the top-class probability, 15 equal-width bins",
+            "confusion": "rows: label, columns: prediction, in the order of classes",
+        },
+    }

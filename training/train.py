@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import calibrate, metrics
+from . import calibrate, metrics, nonaxial
 from .data import CLASSES, Dataset, load as load_dataset
-from .augment import AugmentConfig, augment, preprocess
+from .augment import AugmentConfig, augment, body_fill, preprocess
 from .model import build, count_parameters
 
 CHECKPOINT_FORMAT = "anatomy-training-checkpoint/1"
@@ -55,11 +55,18 @@ class TrainConfig:
     steps_per_epoch: int = 0  # 0: one pass over the number of training images
     eval_batch_size: int = 256
     model_version: str = "anatomy-convnet-dev"
+    # classes whose crops augment.pair_composite may turn into a left-right pair
+    pair_classes: tuple = ("legs", "pelvis")
+    # add synthetic non-axial/scout images of the training series as `other` (nonaxial.py);
+    # needs an `other` class; series with fewer images are skipped
+    nonaxial: bool = True
+    nonaxial_min_slices: int = 8
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["classes"], d["hu_window"], d["blocks"] = list(self.classes), list(self.hu_window), list(self.blocks)
+        d["pair_classes"] = list(self.pair_classes)
         return d
 
 
@@ -89,6 +96,19 @@ def hu_tensor(ds: Dataset, device) -> torch.Tensor:
     """uint16 HU+offset → int16 HU on the device (exact for the contract's offset 32768)."""
     hu = np.clip(ds.images.astype(np.int32) - ds.hu_offset, -32768, 32767).astype(np.int16)
     return torch.from_numpy(hu).to(device)
+
+
+def nonaxial_report(model, ds: Dataset, split: str, cfg: "TrainConfig", temperature: float) -> dict:
+    """How the model answers synthetic non-axial/scout images of one split's patients."""
+    if "other" not in cfg.classes:
+        return {"images": 0}
+    images, kinds = nonaxial.make(ds, split, cfg.seed + 1, min_slices=cfg.nonaxial_min_slices)
+    if not len(images):
+        return {"images": 0}
+    hu = torch.from_numpy(images.astype(np.int32) - ds.hu_offset).to(torch.int16)
+    low, high = map(float, cfg.hu_window)
+    logits = predict_logits(model, hu.to(next(model.parameters()).device), low, high, cfg.eval_batch_size)
+    return metrics.other_report(torch.softmax(logits / temperature, 1).numpy(), kinds, cfg.classes)
 
 
 def sample_weights(targets: np.ndarray, num_classes: int, power: float = 1.0) -> np.ndarray:
@@ -172,16 +192,27 @@ def run(cfg: TrainConfig, log=print) -> dict:
     if not split["train"].any():
         raise ValueError("no training images (split == 'train' with a class label)")
     C = len(cfg.classes)
+    hu = {s: hu_tensor(ds.subset(m), device) for s, m in split.items()}
+    tgt = {s: torch.from_numpy(targets[m]) for s, m in split.items()}
+    S = ds.input_size
     train_t = targets[split["train"]]
+    synthetic = 0
+    if cfg.nonaxial and "other" in cfg.classes:
+        extra, kinds = nonaxial.make(ds, "train", cfg.seed, min_slices=cfg.nonaxial_min_slices)
+        synthetic = len(extra)
+        if synthetic:
+            extra_hu = torch.from_numpy(extra.astype(np.int32) - ds.hu_offset).to(torch.int16)
+            hu["train"] = torch.cat([hu["train"], extra_hu.to(device)])
+            extra_t = np.full(synthetic, cfg.classes.index("other"), dtype=np.int64)
+            tgt["train"] = torch.cat([tgt["train"], torch.from_numpy(extra_t)])
+            train_t = np.concatenate([train_t, extra_t])
+        log(f"synthetic non-axial/scout images of training series, as other: {synthetic} "
+            f"({', '.join(f'{k}={int((kinds == k).sum())}' for k in nonaxial.KINDS)})")
     counts = np.bincount(train_t, minlength=C)
     log("train images per class: " + ", ".join(f"{c}={n}" for c, n in zip(cfg.classes, counts)))
     for c, n in zip(cfg.classes, counts):
         if n == 0:
             log(f"warning: class {c!r} has no training images; the model cannot learn it")
-
-    hu = {s: hu_tensor(ds.subset(m), device) for s, m in split.items()}
-    tgt = {s: torch.from_numpy(targets[m]) for s, m in split.items()}
-    S = ds.input_size
 
     model = build({"num_classes": C, "width": cfg.width, "blocks": list(cfg.blocks), "dropout": cfg.dropout})
     log(f"model: {count_parameters(model):,} parameters, input [N,1,{S},{S}], classes {list(cfg.classes)}")
@@ -215,6 +246,12 @@ def run(cfg: TrainConfig, log=print) -> dict:
     warmup = max(1, min(total_steps // 5, round(cfg.warmup_epochs * steps)))
     gen = torch.Generator().manual_seed(cfg.seed)
     train_hu, train_tgt = hu["train"], tgt["train"].to(device)
+    pair_idx = [cfg.classes.index(c) for c in cfg.pair_classes if c in cfg.classes]
+    pairable = torch.from_numpy(np.isin(train_t, pair_idx)) & (
+        body_fill(train_hu.cpu().unsqueeze(1)) > cfg.augment.pair_min_fill)
+    if cfg.augment.pair_p > 0 and pair_idx:
+        log(f"crops that may become left-right pairs ({', '.join(cfg.pair_classes)}, body fill > "
+            f"{cfg.augment.pair_min_fill}): {int(pairable.sum())} of {int(np.isin(train_t, pair_idx).sum())}")
 
     history, best, best_state, bad_epochs, step = [], None, None, 0, 0
     hist_file = open(out / "history.jsonl", "w")
@@ -231,7 +268,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
                 g["lr"] = lr
             idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=gen)
             dev_idx = idx.to(device)
-            x = augment(train_hu[dev_idx].float().unsqueeze(1), low, high, cfg.augment, gen)
+            x = augment(train_hu[dev_idx].float().unsqueeze(1), low, high, cfg.augment, gen, pairable[idx])
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = train_tgt[dev_idx]
@@ -291,7 +328,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
             f"{calibrate.nll(val_logits, tgt['val'], temperature):.4f}")
 
     scores = {"best_epoch": best_epoch, "temperature": temperature,
-              "parameters": count_parameters(model), "input_size": S}
+              "parameters": count_parameters(model), "input_size": S,
+              "synthetic_other_train_images": synthetic}
     for s in ("val", "test"):
         logits = predict_logits(model, hu[s], low, high, cfg.eval_batch_size, False, cfg.channels_last)
         if len(logits):
@@ -299,6 +337,11 @@ def run(cfg: TrainConfig, log=print) -> dict:
             scores[s] = r
             log(f"{s} (calibrated): {metrics.format_report(r, cfg.classes)}")
             log(metrics.format_confusion(r, cfg.classes))
+    for s in ("val", "test"):
+        r = nonaxial_report(model, ds, s, cfg, temperature)
+        if r["images"]:
+            scores[f"{s}_nonaxial"] = r
+            log(f"{s} synthetic non-axial/scout (held-out patients): {metrics.format_other(r)}")
     scores["history"] = [{k: v for k, v in h.items() if k != "val"} | {"val_error": h["val"].get("error"),
                           "val_nll": h["val"].get("nll"), "val_mean_auc": h["val"].get("mean_auc")}
                          for h in history]
