@@ -30,6 +30,8 @@ if [[ ! -x "$venv/bin/python" || "$(cat "$venv/requirements.sha256" 2>/dev/null)
 fi
 export ANATOMY_TEST_PYTHON="$PWD/$venv/bin/python"
 bash deploy/install-onnxruntime.sh
+# The training package (PyTorch, CPU): its own tests, and tests/training.rs.
+bash training/install.sh
 
 echo "== style: cargo fmt --check, cargo clippy -D warnings"
 cargo fmt --check
@@ -38,12 +40,14 @@ cargo clippy --all-targets --locked -- -D warnings
 echo "== unit and integration tests on SQLite"
 cargo test --locked
 
-echo "== integration tests on PostgreSQL"
-ANATOMY_TEST_DATABASE_URL="$pg_url" cargo test --locked --test '*'
+echo "== integration tests that use the index, again on PostgreSQL"
+db_tests=()
+for file in $(grep -l -E "Node::start|TestDb" tests/*.rs); do
+    db_tests+=(--test "$(basename "$file" .rs)")
+done
+ANATOMY_TEST_DATABASE_URL="$pg_url" cargo test --locked "${db_tests[@]}"
 
-echo "== training package (PyTorch, CPU)"
-bash training/install.sh
+echo "== training package tests (PyTorch, CPU)"
 training/.venv/bin/python -m pytest training/tests -q
-
 
 echo "== all tests passed"

@@ -7,6 +7,8 @@ pub mod db;
 pub mod models;
 
 pub mod node;
+pub mod npy;
+
 pub mod scu;
 
 use std::process::{Command, Output};
