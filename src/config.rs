@@ -207,6 +207,10 @@ pub struct HttpConfig {
     pub enabled: bool,
     pub bind: IpAddr,
     pub port: u16,
+    /// STOW-RS: the largest request body accepted, in MB (413 beyond).
+    pub stow_max_mb: u64,
+    /// QIDO-RS: the most results one response holds (`limit` is capped to it).
+    pub qido_max_results: u64,
 }
 
 impl Default for HttpConfig {
@@ -215,6 +219,8 @@ impl Default for HttpConfig {
             enabled: true,
             bind: IpAddr::from([127, 0, 0, 1]),
             port: 8042,
+            stow_max_mb: 1024,
+            qido_max_results: 1000,
         }
     }
 }
@@ -411,6 +417,11 @@ impl Config {
         if self.database.batch_max == 0 {
             return Err(ConfigError::Invalid(
                 "database.batch_max must be at least 1".into(),
+            ));
+        }
+        if self.http.stow_max_mb == 0 || self.http.qido_max_results == 0 {
+            return Err(ConfigError::Invalid(
+                "http.stow_max_mb and http.qido_max_results must be at least 1".into(),
             ));
         }
         let url = &self.database.url;

@@ -57,6 +57,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let wake = Arc::new(Notify::new());
     let (classifier, classifier_status) = start_classifier(&config, &index, &metrics).await;
     let dicom_addr = SocketAddr::new(config.dicom.bind, config.dicom.port);
+    let web_store = ctx.store.clone();
     let listener = Listener::bind(dicom_addr, ctx)
         .await
         .with_context(|| format!("listening on dicom port {dicom_addr}"))?;
@@ -67,12 +68,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let tcp = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on http port {addr}"))?;
-        info!(%addr, "HTTP port ready (/healthz, /metrics)");
-        let app = web::router(web::WebState {
-            index: index.clone(),
-            metrics: metrics.clone(),
-            classifier: Arc::new(classifier_status),
-        });
+        info!(%addr, "HTTP port ready (/healthz, /metrics, /dicom-web, /)");
+        let app = web::router(web::WebState::new(
+            index.clone(),
+            metrics.clone(),
+            Arc::new(classifier_status),
+            web_store,
+            config.clone(),
+        ));
         let stop = shutdown.clone();
         Some(tokio::spawn(async move {
             let served = axum::serve(tcp, app)

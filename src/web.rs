@@ -1,5 +1,15 @@
 //! The HTTP port: `/healthz` for load balancers and systemd watchdogs, `/metrics` for
-//! Prometheus.
+//! Prometheus, DICOMweb under `/dicom-web` (QIDO-RS [`qido`], STOW-RS [`stow`], WADO-RS
+//! [`wado`] with [`render`]ed frames), and a page of the recent series at `/` ([`page`]).
+
+mod error;
+pub mod json;
+mod page;
+pub mod qido;
+pub mod render;
+pub mod request;
+pub mod stow;
+pub mod wado;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,11 +17,19 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
+use tokio::sync::Semaphore;
 
+use crate::config::Config;
 use crate::index::Index;
 use crate::metrics::Metrics;
+use crate::store::Store;
+
+pub use error::WebError;
+
+/// Rendered frames decoded at once (each holds a frame in memory and a core busy).
+const RENDER_SLOTS: usize = 2;
 
 #[derive(Clone)]
 pub struct WebState {
@@ -19,12 +37,71 @@ pub struct WebState {
     pub metrics: Arc<Metrics>,
     /// One line on the classifier ("ready ...", "unavailable: why", "disabled").
     pub classifier: Arc<String>,
+    /// STOW-RS stores through the same store as C-STORE.
+    pub store: Arc<Store>,
+    pub config: Arc<Config>,
+    pub render_slots: Arc<Semaphore>,
+}
+
+impl WebState {
+    pub fn new(
+        index: Index,
+        metrics: Arc<Metrics>,
+        classifier: Arc<String>,
+        store: Arc<Store>,
+        config: Arc<Config>,
+    ) -> WebState {
+        WebState {
+            index,
+            metrics,
+            classifier,
+            store,
+            config,
+            render_slots: Arc::new(Semaphore::new(RENDER_SLOTS)),
+        }
+    }
+
+    /// `host:port` of the HTTP port as configured, for URLs when a request has no Host.
+    pub fn http_host(&self) -> String {
+        std::net::SocketAddr::new(self.config.http.bind, self.config.http.port).to_string()
+    }
 }
 
 pub fn router(state: WebState) -> Router {
+    let instance = "/dicom-web/studies/{study}/series/{series}/instances/{instance}";
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/", get(page::index))
+        .route("/ui", get(page::index))
+        .route(
+            "/dicom-web/studies",
+            get(qido::studies).post(stow::store_instances),
+        )
+        .route(
+            "/dicom-web/studies/{study}",
+            post(stow::store_study_instances),
+        )
+        .route("/dicom-web/studies/{study}/series", get(qido::study_series))
+        .route(
+            "/dicom-web/studies/{study}/instances",
+            get(qido::study_instances),
+        )
+        .route(
+            "/dicom-web/studies/{study}/series/{series}/instances",
+            get(qido::series_instances),
+        )
+        .route("/dicom-web/series", get(qido::series))
+        .route("/dicom-web/instances", get(qido::instances))
+        .route(instance, get(wado::retrieve_instance))
+        .route(
+            &format!("{instance}/rendered"),
+            get(wado::rendered_instance),
+        )
+        .route(
+            &format!("{instance}/frames/{{frames}}/rendered"),
+            get(wado::rendered_frame),
+        )
         .with_state(state)
 }
 

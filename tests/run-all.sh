@@ -15,6 +15,8 @@ pg_url="postgres://postgres@127.0.0.1:${PGPORT:-55432}/postgres"
 if [[ "$(id -u)" == 0 ]]; then
     export ANATOMY_REQUIRE_ROOT_TESTS=1
 fi
+# Chromium is installed above: the browser check of the web page (tests/web.rs) must run.
+export ANATOMY_REQUIRE_BROWSER_TESTS=1
 
 # Python of the test tools (tests/tools/requirements.txt: pydicom for tests/pixels.rs, onnx for
 # the models of tests/model.rs), rebuilt when the requirements file changes; and the ONNX Runtime

@@ -120,14 +120,46 @@ pub fn hu_frames(path: &Path) -> Result<Vec<HuImage>, PixelError> {
 
 /// Every frame of an already opened DICOM object, in HU.
 pub fn hu_frames_of(obj: DefaultDicomObject) -> Result<Vec<HuImage>, PixelErrorKind> {
+    decode_frames(obj, None)
+}
+
+/// One frame (0-based) of the DICOM file at `path`, in HU; only that frame is decoded (the
+/// web page renders key-images of multi-frame files this way).
+pub fn hu_frame(path: &Path, frame: u32) -> Result<HuImage, PixelError> {
+    let at = |kind| PixelError {
+        file: path.to_path_buf(),
+        kind,
+    };
+    let obj = OpenFileOptions::new()
+        .open_file(path)
+        .map_err(|e| at(PixelErrorKind::Open(error_chain(&e))))?;
+    let mut frames = decode_frames(obj, Some(frame)).map_err(at)?;
+    frames.pop().ok_or_else(|| at(PixelErrorKind::NoPixelData))
+}
+
+/// The frames of `obj` (all, or only the one given) in HU.
+fn decode_frames(
+    obj: DefaultDicomObject,
+    only: Option<u32>,
+) -> Result<Vec<HuImage>, PixelErrorKind> {
     let obj = decode::retype_un_pixel_attributes(obj);
     let format = attributes::pixel_format(&obj)?;
     let frames = attributes::number_of_frames(&obj)?;
+    let wanted = match only {
+        None => 0..frames,
+        Some(f) if f < frames => f..f + 1,
+        Some(f) => {
+            return Err(PixelErrorKind::InvalidAttribute {
+                name: "frame number",
+                reason: format!("frame {} asked for, the image has {frames}", f + 1),
+            })
+        }
+    };
     let obj = decode::one_fragment_per_frame(obj, frames);
     let padding = attributes::padding(&obj, &format)?;
     let codec = decode::FrameDecoder::for_object(&obj)?;
     let samples = codec.sample_format(&format);
-    (0..frames)
+    wanted
         .map(|frame| {
             let bytes = codec.frame_bytes(&obj, frame, &format)?;
             let modality = attributes::modality(&obj, frame)?;

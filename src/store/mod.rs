@@ -225,6 +225,12 @@ impl Store {
         &self.root
     }
 
+    /// `storage.path/.incoming`: files here were never acknowledged and are removed at
+    /// start-up (STOW-RS spools request bodies here).
+    pub fn temp_dir(&self) -> &Path {
+        &self.tmp_dir
+    }
+
     /// Open a temporary file for an announced instance and write its file meta header.
     pub async fn begin(&self, header: IncomingHeader) -> Result<Incoming, StoreError> {
         let free = available_bytes(&self.root).map_err(StoreError::io("checking free space"))?;
