@@ -39,6 +39,15 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub classifier: ClassifierConfig,
+    /// `[forward]`: the outbox (retries, batches, timeouts, Key Object Selection).
+    #[serde(default)]
+    pub forward: crate::forward::ForwardConfig,
+    /// `[[destinations]]`: the C-STORE SCPs tagged copies are sent to.
+    #[serde(default)]
+    pub destinations: Vec<crate::forward::DestinationConfig>,
+    /// `[[routes]]`: which labelled series go to which destinations.
+    #[serde(default)]
+    pub routes: Vec<crate::forward::RouteConfig>,
 }
 
 /// `classifier.key_images`: a number, or "all".
@@ -424,6 +433,8 @@ impl Config {
                 "http.stow_max_mb and http.qido_max_results must be at least 1".into(),
             ));
         }
+        crate::forward::validate(&self.forward, &self.destinations, &self.routes)
+            .map_err(ConfigError::Invalid)?;
         let url = &self.database.url;
         if !(url.is_empty()
             || url.starts_with("sqlite:")

@@ -3,7 +3,8 @@
 //!
 //! The modules follow an instance from socket to label:
 //! [`dimse`] (associations, C-ECHO, C-STORE) → [`store`] (durable files) →
-//! [`index`] (database) → [`series`] (completion) … and [`web`], [`metrics`] beside them.
+//! [`index`] (database) → [`series`] (completion) → [`anatomy`] (labels) → [`forward`]
+//! (routing, tagged copies, C-STORE to CAD modules) … and [`web`], [`metrics`] beside them.
 
 pub mod anatomy;
 pub mod classify_cli;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod dataset;
 pub mod dimse;
 pub mod eval;
+pub mod forward;
 pub mod index;
 pub mod metrics;
 pub mod node;

@@ -38,6 +38,11 @@ enum Command {
     /// Score a model on a dataset folder (error, AUC, confusion, patients, calibration):
     /// summary on stdout, metrics.json and plots in --out.
     Eval(anatomy_node::eval::EvalArgs),
+    /// The forwarding outbox: counts per destination and state, dead letters, retries.
+    Forward {
+        #[command(subcommand)]
+        command: anatomy_node::forward::cli::ForwardCommand,
+    },
     /// Training data preparation.
     Dataset {
         #[command(subcommand)]
@@ -82,6 +87,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             command: DatasetCommand::Build(args),
         } => anatomy_node::dataset::run_build(&args.into()),
         Command::Eval(args) => anatomy_node::eval::run_eval(args),
+        Command::Forward { command } => runtime.block_on(anatomy_node::forward::cli::run(command)),
         Command::Classify(args) => {
             let mut config = Config::load(args.config.as_deref())?;
             // The command's own lines go to stdout and stderr; the node's info logs (ONNX

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub series_labels: Family<OutcomeLabel, Counter>,
     pub classification_seconds: Histogram,
     pub classifier_ready: Gauge,
+    /// Routing and forwarding (`forward::metrics`).
+    pub forward: crate::forward::metrics::ForwardMetrics,
 }
 
 impl Default for Metrics {
@@ -108,8 +110,10 @@ impl Metrics {
             "1 when the model is loaded and series are being classified, 0 otherwise",
             classifier_ready.clone(),
         );
+        let forward = crate::forward::metrics::ForwardMetrics::register(&mut registry);
         Self {
             registry,
+            forward,
             series_labels,
             classification_seconds,
             classifier_ready,

@@ -55,7 +55,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let wake = Arc::new(Notify::new());
-    let (classifier, classifier_status) = start_classifier(&config, &index, &metrics).await;
+    let forwarding = crate::forward::start(
+        &config,
+        index.clone(),
+        metrics.clone(),
+        node_id(),
+        shutdown.clone(),
+    );
+    let (classifier, classifier_status) =
+        start_classifier(&config, &index, &metrics, forwarding.labelled.clone()).await;
     let dicom_addr = SocketAddr::new(config.dicom.bind, config.dicom.port);
     let web_store = ctx.store.clone();
     let listener = Listener::bind(dicom_addr, ctx)
@@ -117,6 +125,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         // A classification in progress finishes (its job would be redone after a restart anyway).
         let _ = classifying.await;
     }
+    // A copy on the wire finishes; claimed jobs not yet sent go back to the queue.
+    forwarding.join().await;
     if let Some(http) = http {
         let _ = http.await;
     }
@@ -132,6 +142,7 @@ async fn start_classifier(
     config: &Config,
     index: &Index,
     metrics: &Arc<Metrics>,
+    labelled: Arc<Notify>,
 ) -> (Option<Arc<Classifier>>, String) {
     let c = &config.classifier;
     if !c.enabled {
@@ -176,6 +187,7 @@ async fn start_classifier(
         storage_root: config.storage.path.clone(),
         config: c.clone(),
         node_id: node_id(),
+        labelled: Some(labelled),
     };
     (Some(Arc::new(classifier)), status)
 }

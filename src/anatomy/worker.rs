@@ -37,6 +37,8 @@ pub struct Classifier {
     pub config: ClassifierConfig,
     /// Identifies this node in `work_queue.claimed_by`.
     pub node_id: String,
+    /// Notified after a result is stored: forwarding routes it (`forward::worker`).
+    pub labelled: Option<Arc<Notify>>,
 }
 
 /// Why a classification did not produce a record this time.
@@ -140,6 +142,9 @@ async fn store(c: &Classifier, job: &Job, record: LabelRecord) {
     {
         Ok(true) => {
             c.metrics.series_labelled(status.as_str());
+            if let Some(labelled) = &c.labelled {
+                labelled.notify_one();
+            }
             info!(
                 status = status.as_str(),
                 body_part = summary.0.as_deref().unwrap_or("-"),
