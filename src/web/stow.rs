@@ -434,6 +434,26 @@ async fn ingest(
     }
 }
 
+/// Pass 2 for every part, in order: (SOP class, SOP instance, outcome). The spool goes
+/// when it is done.
+async fn ingest_all(
+    state: WebState,
+    spool: Spool,
+    metas: Vec<FileMeta>,
+    target_study: Option<String>,
+) -> Vec<(String, String, Outcome)> {
+    let mut out = Vec::with_capacity(metas.len());
+    for (part, meta) in spool.parts.iter().zip(&metas) {
+        let outcome = ingest(&state, part, meta, target_study.as_deref()).await;
+        out.push((
+            trim_uid(&meta.sop_class_uid).to_string(),
+            trim_uid(&meta.sop_instance_uid).to_string(),
+            outcome,
+        ));
+    }
+    out
+}
+
 fn text(tag: Tag, vr: VR, value: impl Into<String>) -> DataElement<InMemDicomObject> {
     DataElement::new(tag, vr, PrimitiveValue::from(value.into()))
 }
@@ -447,15 +467,23 @@ async fn store(
     let started = Instant::now();
     let (spool, metas) = spool(&state, &headers, body).await?;
     let base = base_url(&headers, &state.http_host());
+    // Stored in a task of its own: a client that goes away does not cancel a commit half
+    // way (the same guarantee as C-STORE's, where the association awaits each commit).
+    let outcomes = tokio::spawn(ingest_all(
+        state.clone(),
+        spool,
+        metas,
+        target_study.clone(),
+    ))
+    .await
+    .map_err(|e| WebError::Internal(format!("storing the instances crashed: {e}")))?;
     let mut referenced = Vec::new();
     let mut failed = Vec::new();
     let mut reasons = Vec::new();
     let mut studies = std::collections::BTreeSet::new();
     let mut all_out_of_resources = true;
-    for (part, meta) in spool.parts.iter().zip(&metas) {
-        let class = trim_uid(&meta.sop_class_uid).to_string();
-        let instance = trim_uid(&meta.sop_instance_uid).to_string();
-        match ingest(&state, part, meta, target_study.as_deref()).await {
+    for (class, instance, outcome) in outcomes {
+        match outcome {
             Outcome::Stored {
                 study,
                 series,
@@ -473,7 +501,7 @@ async fn store(
             Outcome::Failed(status) => {
                 let why = status.comment.clone().unwrap_or_default();
                 warn!(sop_instance_uid = %instance, status = format_args!("{:04X}", status.code), reason = %why, "STOW-RS instance not stored");
-                all_out_of_resources &= status.code & 0xFF00 == Status::OUT_OF_RESOURCES;
+                all_out_of_resources &= (status.code & 0xFF00) == Status::OUT_OF_RESOURCES;
                 reasons.push(format!("{instance}: {:04X} {why}", status.code));
                 failed.push(InMemDicomObject::from_element_iter([
                     text(Tag(0x0008, 0x1150), VR::UI, class),
@@ -487,7 +515,6 @@ async fn store(
             }
         }
     }
-    drop(spool);
     info!(
         stored = referenced.len(),
         failed = failed.len(),
