@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 use crate::anatomy::model::{self, Model};
 use crate::anatomy::worker::{self, Classifier};
 use crate::config::Config;
+use crate::dimse::find::FindScp;
 use crate::dimse::listener::Listener;
 use crate::dimse::ServiceContext;
 use crate::index::{Index, IndexWriter};
@@ -47,6 +48,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config: config.clone(),
         store: Arc::new(store),
         metrics: metrics.clone(),
+        find: FindScp::new(index.clone(), config.database.max_connections),
     });
     if !config.dicom.allow_any_peer && ctx.allowed_peers.is_empty() {
         warn!("dicom.allowed_peers is empty and dicom.allow_any_peer is false: every association will be rejected");

@@ -1,8 +1,9 @@
 //! One association, from A-ASSOCIATE-RQ to release or abort: negotiation, P-DATA
-//! reassembly into DIMSE messages, and dispatch to the services (C-ECHO, C-STORE).
+//! reassembly into DIMSE messages, and dispatch to the services (C-ECHO, C-STORE, C-FIND).
 //!
 //! Command fragments are collected in memory (they are small); data set fragments go
-//! straight to the store's temporary file, so memory stays bounded by the PDU size.
+//! straight to the store's temporary file, so memory stays bounded by the PDU size. A
+//! C-FIND identifier is collected in memory up to a limit (`find::IdentifierBuffer`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use super::access::PeerAccess;
 use super::command::{self, Request};
+use super::find::{self, FindChannel, IdentifierBuffer, Interruption};
 use super::sop_classes;
 use super::status::Status;
 use super::ServiceContext;
@@ -68,6 +70,9 @@ pub async fn serve(
         for uid in sop_classes::STORAGE_SOP_CLASSES {
             options = options.with_abstract_syntax(*uid);
         }
+        for uid in sop_classes::QUERY_SOP_CLASSES {
+            options = options.with_abstract_syntax(*uid);
+        }
         for ts in sop_classes::TRANSFER_SYNTAXES {
             options = options.with_transfer_syntax(*ts);
         }
@@ -102,6 +107,8 @@ pub async fn serve(
             contexts,
             command_buf: Vec::new(),
             transfer: None,
+            identifier: None,
+            deferred: None,
         };
         let ending = handler.run(&shutdown).await;
         let Handler { association, .. } = handler;
@@ -184,26 +191,36 @@ struct Handler {
     command_buf: Vec<u8>,
     /// The data set of the current request, while its fragments arrive.
     transfer: Option<DataTransfer>,
+    /// The identifier of the current C-FIND-RQ, while its fragments arrive.
+    identifier: Option<IdentifierBuffer>,
+    /// A PDU that arrived while C-FIND responses streamed and was not a C-CANCEL-RQ: it is
+    /// handled once the C-FIND has ended.
+    deferred: Option<Pdu>,
 }
 
 impl Handler {
     async fn run(&mut self, shutdown: &CancellationToken) -> Ending {
         let idle = Duration::from_secs(self.ctx.config.dicom.idle_timeout_secs);
         loop {
-            let between_messages = self.transfer.is_none() && self.command_buf.is_empty();
-            if between_messages && shutdown.is_cancelled() {
-                return Ending::Abort("node is shutting down".into());
-            }
-            let received = tokio::select! {
-                _ = shutdown.cancelled(), if between_messages => {
+            let between_messages =
+                self.transfer.is_none() && self.identifier.is_none() && self.command_buf.is_empty();
+            let pdu = if let Some(pdu) = self.deferred.take() {
+                pdu
+            } else {
+                if between_messages && shutdown.is_cancelled() {
                     return Ending::Abort("node is shutting down".into());
                 }
-                r = tokio::time::timeout(idle, self.association.receive()) => r,
-            };
-            let pdu = match received {
-                Err(_) => return Ending::Abort("no PDU within dicom.idle_timeout_secs".into()),
-                Ok(Err(e)) => return Ending::Closed(e.to_string()),
-                Ok(Ok(pdu)) => pdu,
+                let received = tokio::select! {
+                    _ = shutdown.cancelled(), if between_messages => {
+                        return Ending::Abort("node is shutting down".into());
+                    }
+                    r = tokio::time::timeout(idle, self.association.receive()) => r,
+                };
+                match received {
+                    Err(_) => return Ending::Abort("no PDU within dicom.idle_timeout_secs".into()),
+                    Ok(Err(e)) => return Ending::Closed(e.to_string()),
+                    Ok(Ok(pdu)) => pdu,
+                }
             };
             match pdu {
                 Pdu::PData { data } => {
@@ -240,7 +257,7 @@ impl Handler {
         }
         match pdv.value_type {
             PDataValueType::Command => {
-                if self.transfer.is_some() {
+                if self.transfer.is_some() || self.identifier.is_some() {
                     return Err("command fragment while a data set is still arriving".into());
                 }
                 self.command_buf.extend_from_slice(&pdv.data);
@@ -253,6 +270,9 @@ impl Handler {
                     self.on_command(request, pc_id).await?;
                 }
                 Ok(())
+            }
+            PDataValueType::Data if self.identifier.is_some() => {
+                self.on_identifier_fragment(pdv).await
             }
             PDataValueType::Data => {
                 let Some(transfer) = self.transfer.as_mut() else {
@@ -286,7 +306,14 @@ impl Handler {
                 self.transfer = Some(self.start_store(request, pc_id).await);
                 Ok(())
             }
-            command::C_CANCEL_RQ => Ok(()), // nothing of ours is cancellable
+            command::C_FIND_RQ if request.has_dataset => {
+                self.identifier = Some(IdentifierBuffer::new(request, pc_id));
+                Ok(())
+            }
+            command::C_FIND_RQ => self.find(request, pc_id, None).await,
+            // A C-FIND is cancelled while it streams (`FindLink::interrupted`); a C-CANCEL-RQ
+            // seen here came after its final response, or for a message with nothing to stop.
+            command::C_CANCEL_RQ => Ok(()),
             _ => {
                 let status = Status::failure(
                     Status::UNRECOGNIZED_OPERATION,
@@ -303,6 +330,115 @@ impl Handler {
                 }
             }
         }
+    }
+
+    async fn on_identifier_fragment(&mut self, pdv: PDataValue) -> Result<(), String> {
+        let Some(identifier) = self.identifier.as_mut() else {
+            return Err("data fragment without a command that announced it".into());
+        };
+        if identifier.pc_id != pdv.presentation_context_id {
+            return Err(
+                "identifier fragment on another presentation context than its command".into(),
+            );
+        }
+        identifier.feed(&pdv.data);
+        if pdv.is_last {
+            if let Some(identifier) = self.identifier.take() {
+                let request = identifier.request.clone();
+                return self
+                    .find(request, pdv.presentation_context_id, Some(identifier))
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    /// C-FIND: stream the answers, watching for C-CANCEL-RQ (`find::serve`).
+    async fn find(
+        &mut self,
+        request: Request,
+        pc_id: u8,
+        identifier: Option<IdentifierBuffer>,
+    ) -> Result<(), String> {
+        let (abstract_syntax, transfer_syntax) = match self.contexts.get(&pc_id) {
+            Some(pc) => (pc.abstract_syntax.clone(), pc.transfer_syntax.clone()),
+            None => return Err(format!("presentation context {pc_id} was not accepted")),
+        };
+        let ctx = self.ctx.clone();
+        let context = find::Context {
+            abstract_syntax: &abstract_syntax,
+            transfer_syntax: &transfer_syntax,
+        };
+        let span = info_span!("find", message_id = request.message_id);
+        let mut link = FindLink {
+            handler: self,
+            pc_id,
+            request: &request,
+        };
+        find::serve(
+            &ctx.find,
+            &ctx.config.dicom.ae_title,
+            &mut link,
+            &request,
+            context,
+            identifier,
+        )
+        .instrument(span)
+        .await
+    }
+
+    /// Send a DIMSE message: the command set, then the data set if any, in P-DATA-TF PDUs
+    /// no longer than the peer's maximum PDU length.
+    async fn send_message(
+        &mut self,
+        pc_id: u8,
+        command: Vec<u8>,
+        dataset: Option<Vec<u8>>,
+    ) -> Result<(), dicom_ul::association::Error> {
+        // Each PDV item costs 6 bytes (length, context id, control header).
+        let max = (self.association.requestor_max_pdu_length() as usize)
+            .saturating_sub(6)
+            .max(64);
+        let mut pdvs = Vec::new();
+        for (value_type, bytes) in [
+            (PDataValueType::Command, Some(command)),
+            (PDataValueType::Data, dataset),
+        ] {
+            let Some(bytes) = bytes else { continue };
+            let n = bytes.len().div_ceil(max).max(1);
+            for (i, chunk) in bytes
+                .chunks(max)
+                .chain(bytes.is_empty().then_some(&[][..]))
+                .enumerate()
+            {
+                pdvs.push(PDataValue {
+                    presentation_context_id: pc_id,
+                    value_type: value_type.clone(),
+                    is_last: i + 1 == n,
+                    data: chunk.to_vec(),
+                });
+            }
+        }
+        // Pack the items into as few PDUs as fit (a small answer: one PDU, one write).
+        let mut batch: Vec<PDataValue> = Vec::new();
+        let mut size = 0;
+        for pdv in pdvs {
+            let item = pdv.data.len() + 6;
+            if !batch.is_empty() && size + item > max + 6 {
+                self.association
+                    .send(&Pdu::PData {
+                        data: std::mem::take(&mut batch),
+                    })
+                    .await?;
+                size = 0;
+            }
+            size += item;
+            batch.push(pdv);
+        }
+        if !batch.is_empty() {
+            self.association.send(&Pdu::PData { data: batch }).await?;
+        }
+        Ok(())
     }
 
     async fn start_store(&self, request: Request, pc_id: u8) -> DataTransfer {
@@ -385,6 +521,67 @@ impl Handler {
             .send(&pdu)
             .await
             .map_err(|e| format!("cannot send the {service} response: {e}"))
+    }
+}
+
+/// The association as the C-FIND service sees it while its responses stream.
+struct FindLink<'a> {
+    handler: &'a mut Handler,
+    pc_id: u8,
+    request: &'a Request,
+}
+
+impl FindChannel for FindLink<'_> {
+    async fn respond(
+        &mut self,
+        status: &Status,
+        identifier: Option<Vec<u8>>,
+    ) -> Result<(), String> {
+        let command = command::encode_response_with(self.request, status, identifier.is_some());
+        self.handler
+            .ctx
+            .metrics
+            .dimse_response("C-FIND", status.code);
+        self.handler
+            .send_message(self.pc_id, command, identifier)
+            .await
+            .map_err(|e| format!("cannot send the C-FIND response: {e}"))
+    }
+
+    async fn interrupted(&mut self) -> Interruption {
+        loop {
+            // Something else already waits for the C-FIND to end: read nothing more until
+            // then (the peer is held back by TCP).
+            if self.handler.deferred.is_some() {
+                return std::future::pending().await;
+            }
+            let pdu = match self.handler.association.receive().await {
+                Ok(pdu) => pdu,
+                Err(e) => return Interruption::Gone(e.to_string()),
+            };
+            match pdu {
+                Pdu::PData { ref data }
+                    if data.len() == 1
+                        && data[0].value_type == PDataValueType::Command
+                        && data[0].is_last =>
+                {
+                    match Request::parse(&data[0].data) {
+                        Ok(rq) if rq.command_field == command::C_CANCEL_RQ => {
+                            if rq.message_id == self.request.message_id {
+                                return Interruption::Cancel;
+                            }
+                            // A cancel for another message: nothing to do (PS3.7 9.3.2.3).
+                        }
+                        _ => self.handler.deferred = Some(pdu),
+                    }
+                }
+                Pdu::AbortRQ { .. } => {
+                    self.handler.deferred = Some(pdu);
+                    return Interruption::Gone("aborted by the peer".into());
+                }
+                other => self.handler.deferred = Some(other),
+            }
+        }
     }
 }
 

@@ -10,6 +10,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use super::status::Status;
 
 pub const C_STORE_RQ: u16 = 0x0001;
+pub const C_FIND_RQ: u16 = 0x0020;
 pub const C_ECHO_RQ: u16 = 0x0030;
 pub const C_CANCEL_RQ: u16 = 0x0FFF;
 /// Command Data Set Type value meaning "no data set follows".
@@ -67,6 +68,14 @@ impl Request {
 
 /// Encode the response to `request` with `status`.
 pub fn encode_response(request: &Request, status: &Status) -> Vec<u8> {
+    encode_response_with(request, status, false)
+}
+
+/// Encode the response to `request` with `status`, announcing a data set (the identifier
+/// of a pending C-FIND-RSP) when `has_dataset`.
+pub fn encode_response_with(request: &Request, status: &Status, has_dataset: bool) -> Vec<u8> {
+    // Any value but 0x0101 means a data set follows (PS3.7 E.2); 0x0000 is customary.
+    let dataset_type = if has_dataset { 0x0000 } else { NO_DATASET };
     let mut elements = vec![
         DataElement::new(
             tags::COMMAND_FIELD,
@@ -81,7 +90,7 @@ pub fn encode_response(request: &Request, status: &Status) -> Vec<u8> {
         DataElement::new(
             tags::COMMAND_DATA_SET_TYPE,
             VR::US,
-            PrimitiveValue::from(NO_DATASET),
+            PrimitiveValue::from(dataset_type),
         ),
         DataElement::new(tags::STATUS, VR::US, PrimitiveValue::from(status.code)),
     ];

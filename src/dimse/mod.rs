@@ -1,9 +1,10 @@
 //! The DIMSE service class provider: listener → association → message reassembly →
-//! services (C-ECHO, C-STORE). Names follow the standard (PS3.7, PS3.8).
+//! services (C-ECHO, C-STORE, C-FIND). Names follow the standard (PS3.7, PS3.8).
 
 pub mod access;
 pub mod association;
 pub mod command;
+pub mod find;
 pub mod listener;
 pub mod sop_classes;
 pub mod status;
@@ -20,4 +21,6 @@ pub struct ServiceContext {
     pub allowed_peers: Arc<Vec<AllowedPeer>>,
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
+    /// The C-FIND SCP (queries the index).
+    pub find: find::FindScp,
 }

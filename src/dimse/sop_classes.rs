@@ -1,10 +1,15 @@
 //! What this node accepts in association negotiation: the storage SOP classes a CT
-//! workflow sends (all stored; only CT is classified later) and the transfer syntaxes it
-//! stores byte for byte.
+//! workflow sends (all stored; only CT is classified later), the query models it answers
+//! (C-FIND) and the transfer syntaxes it stores byte for byte.
 
 use dicom_dictionary_std::uids;
 
 pub const VERIFICATION: &str = uids::VERIFICATION;
+
+/// Query/Retrieve Information Models – FIND accepted as SCP (`dimse::find`).
+pub const PATIENT_ROOT_QR_FIND: &str = uids::PATIENT_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND;
+pub const STUDY_ROOT_QR_FIND: &str = uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND;
+pub const QUERY_SOP_CLASSES: &[&str] = &[PATIENT_ROOT_QR_FIND, STUDY_ROOT_QR_FIND];
 
 /// Storage SOP classes accepted as SCP.
 pub const STORAGE_SOP_CLASSES: &[&str] = &[

@@ -22,6 +22,14 @@ impl Status {
     pub const DATASET_DOES_NOT_MATCH: u16 = 0xA900;
     /// PS3.4 B.2.3: Error, cannot understand.
     pub const CANNOT_UNDERSTAND: u16 = 0xC000;
+    /// PS3.4 C.4.1.1.4: Failed, unable to process (C-FIND).
+    pub const UNABLE_TO_PROCESS: u16 = 0xC001;
+    /// PS3.4 C.4.1.1.4: matching terminated due to a C-CANCEL-RQ.
+    pub const CANCEL: u16 = 0xFE00;
+    /// PS3.4 C.4.1.1.4: pending, matches are continuing.
+    pub const PENDING: u16 = 0xFF00;
+    /// PS3.4 C.4.1.1.4: pending, but one or more optional keys were not supported.
+    pub const PENDING_WARNING: u16 = 0xFF01;
 
     pub fn success() -> Status {
         Status {
@@ -34,6 +42,14 @@ impl Status {
         Status {
             code,
             comment: Some(truncate_lo(comment.as_ref())),
+        }
+    }
+
+    /// A status without an Error Comment (success, pending, cancel).
+    pub fn of(code: u16) -> Status {
+        Status {
+            code,
+            comment: None,
         }
     }
 

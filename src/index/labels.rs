@@ -271,7 +271,7 @@ impl Index {
             .await?;
         }
         // The series row carries the latest result, unless a newer generation is labelled.
-        sqlx::query(
+        let latest = sqlx::query(
             "UPDATE series SET label_status = $1, label_generation = $2, predicted_class = $3, \
                  predicted_body_part = $4 \
              WHERE id = $5 AND (label_generation IS NULL OR label_generation <= $2)",
@@ -283,6 +283,10 @@ impl Index {
         .bind(job.series_ref)
         .execute(&mut *tx)
         .await?;
+        if latest.rows_affected() == 1 {
+            replace_series_regions(&mut tx, job.series_ref, record.anatomic_regions.as_deref())
+                .await?;
+        }
         tx.commit().await?;
         Ok(true)
     }
@@ -323,4 +327,45 @@ impl Index {
         .await?;
         Ok(())
     }
+}
+
+/// The regions of the series' latest label, one row each, for C-FIND sequence matching on
+/// the Anatomic Region Sequence (`series_regions`, migrations/*/0003_find.sql). `regions` is
+/// the JSON of `series_labels.anatomic_regions`; none (skipped, failed) clears them.
+async fn replace_series_regions(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    series_ref: i64,
+    regions: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    #[derive(serde::Deserialize)]
+    struct Region {
+        body_part: Option<String>,
+        code_value: String,
+        coding_scheme: String,
+        code_meaning: Option<String>,
+    }
+    sqlx::query("DELETE FROM series_regions WHERE series_ref = $1")
+        .bind(series_ref)
+        .execute(&mut **tx)
+        .await?;
+    // Written by anatomy::worker from anatomy::coverage::Region, so it parses; anything else
+    // leaves the series without coded regions rather than failing the job.
+    let regions: Vec<Region> = regions
+        .and_then(|json| serde_json::from_str(json).ok())
+        .unwrap_or_default();
+    for (position, r) in regions.into_iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO series_regions (series_ref, position, body_part, code_value, \
+                 coding_scheme, code_meaning) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(series_ref)
+        .bind(position as i64)
+        .bind(r.body_part)
+        .bind(r.code_value)
+        .bind(r.coding_scheme)
+        .bind(r.code_meaning)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
