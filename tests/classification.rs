@@ -210,8 +210,7 @@ fn an_unusable_model_leaves_series_queued_and_a_fixed_node_labels_them() {
         &["--size", "64", "--kind", "stats", "--drop-key", "hu_window"],
     )
     .expect("a Python with onnx (tests/run-all.sh makes .venv-tests)");
-    let mut node
- = Node::start_with(classifier_options(&bad, 8));
+    let mut node = Node::start_with(classifier_options(&bad, 8));
     let (health_status, health) = node.http_get("/healthz");
     assert_eq!(health_status, 200, "the node still takes images");
     assert!(
