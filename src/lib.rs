@@ -16,6 +16,7 @@ pub mod forward;
 pub mod index;
 pub mod metrics;
 pub mod node;
+pub mod private_block;
 pub mod series;
 pub mod store;
 pub mod synth;

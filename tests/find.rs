@@ -31,7 +31,7 @@ use dicom_ul::Pdu;
 
 const STUDY_ROOT: &str = "1.2.840.10008.5.1.4.1.2.2.1";
 const PATIENT_ROOT: &str = "1.2.840.10008.5.1.4.1.2.1.1";
-const CREATOR: &str = "0009,0010=ANATOMY_NODE 1.0";
+const CREATOR: &str = "0099,0010=ANATOMY_NODE 1.0";
 const MODEL_VERSION: &str = "find-test 1";
 const SLICES: u32 = 4;
 
@@ -355,18 +355,15 @@ fn findscu_raw(
         args.extend(["-k", k]);
     }
     // DCMTK needs the VRs of our private keys to encode values for them (README).
-    let dictionary = dir.path().join("anatomy-node.dic");
-    std::fs::write(&dictionary, PRIVATE_DICTIONARY).expect("private dictionary");
     let out = Command::new("findscu")
         .args(&args)
         .env("TCP_NODELAY", "1")
         .env(
             "DCMDICTPATH",
-            format!("{}:{}", dcmtk_dictionary(), dictionary.display()),
+            format!("{}:{}", dcmtk_dictionary(), private_dictionary().display()),
         )
         .output()
         .expect("run findscu (apt package dcmtk)");
-    std::fs::remove_file(&dictionary).expect("remove dictionary");
     let log = common::text(&out);
     assert!(out.status.success(), "findscu {keys:?}:\n{log}");
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
@@ -386,18 +383,11 @@ fn findscu_raw(
     (answers, log)
 }
 
-/// Our private block for DCMTK's data dictionary, as the README gives it.
-const PRIVATE_DICTIONARY: &str = "\
-(0009,\"ANATOMY_NODE 1.0\",10)\tCS\tReceivedBodyPartExamined\t1\tPrivateTag
-(0009,\"ANATOMY_NODE 1.0\",11)\tLO\tPredictedDominantClass\t1\tPrivateTag
-(0009,\"ANATOMY_NODE 1.0\",12)\tCS\tLabelStatus\t1\tPrivateTag
-(0009,\"ANATOMY_NODE 1.0\",13)\tLO\tModelVersion\t1\tPrivateTag
-(0009,\"ANATOMY_NODE 1.0\",14)\tDT\tLabelledDateTime\t1\tPrivateTag
-(0009,\"ANATOMY_NODE 1.0\",20)\tLO\tKeyImageLabel\t1-n\tPrivateTag
-(0009,\"ANATOMY_NODE 1.0\",21)\tDS\tKeyImageProbability\t1-n\tPrivateTag
-(0009,\"ANATOMY_NODE 1.0\",22)\tLO\tKeyImageSmoothedLabel\t1-n\tPrivateTag
-(0009,\"ANATOMY_NODE 1.0\",23)\tIS\tKeyImageFrameNumber\t1-n\tPrivateTag
-";
+/// Our private block for DCMTK's data dictionary (src/private_block.rs, README "The private
+/// block").
+fn private_dictionary() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/anatomy-node-private.dic")
+}
 
 /// DCMTK's own data dictionary (DCMDICTPATH replaces it, so it is named first).
 fn dcmtk_dictionary() -> String {
@@ -582,24 +572,24 @@ fn series_by_predicted_body_part_and_private_keys() {
     );
     // the received value stays queryable in the private block
     assert_eq!(
-        series_query(n, &[CREATOR, "0009,1010=CHEST"]),
+        series_query(n, &[CREATOR, "0099,1013=CHEST"]),
         keys(["A2", "B1"])
     );
     assert_eq!(
-        series_query(n, &[CREATOR, "0009,1011=liver"]),
+        series_query(n, &[CREATOR, "0099,1011=liver"]),
         keys(["A2", "B1"])
     );
     assert_eq!(
-        series_query(n, &[CREATOR, "0009,1012=SKIPPED"]),
+        series_query(n, &[CREATOR, "0099,1012=SKIPPED"]),
         keys(["C2"])
     );
     assert_eq!(
-        series_query(n, &[CREATOR, "0009,1013=find-test*"]),
+        series_query(n, &[CREATOR, "0099,1010=find-test*"]),
         keys(["A1", "A2", "B1", "C1", "D1"])
     );
     // DT range on the labelling time
-    assert_eq!(series_query(n, &[CREATOR, "0009,1014=20000101-"]).len(), 6);
-    assert!(series_query(n, &[CREATOR, "0009,1014=-20000101"]).is_empty());
+    assert_eq!(series_query(n, &[CREATOR, "0099,1014=20000101-"]).len(), 6);
+    assert!(series_query(n, &[CREATOR, "0099,1014=-20000101"]).is_empty());
     // combined with a study date range
     assert_eq!(
         series_query(n, &["BodyPartExamined=CHEST", "StudyDate=20240201-"]),
@@ -618,22 +608,22 @@ fn series_by_predicted_body_part_and_private_keys() {
             "SeriesDescription",
             "NumberOfSeriesRelatedInstances",
             CREATOR,
-            "0009,1010",
-            "0009,1011",
-            "0009,1012",
-            "0009,1013",
-            "0009,1014",
+            "0099,1010",
+            "0099,1011",
+            "0099,1012",
+            "0099,1013",
+            "0099,1014",
         ],
     );
     assert_eq!(series_keys(&answers), keys(["A1", "A2", "B1"]));
     let b1 = by_key(&answers, "B1");
     assert_eq!(text_of(b1, tags::BODY_PART_EXAMINED), "ABDOMEN");
-    assert_eq!(text_of(b1, Tag(0x0009, 0x0010)), "ANATOMY_NODE 1.0");
-    assert_eq!(text_of(b1, Tag(0x0009, 0x1010)), "CHEST");
-    assert_eq!(text_of(b1, Tag(0x0009, 0x1011)), "liver");
-    assert_eq!(text_of(b1, Tag(0x0009, 0x1012)), "LABELLED");
-    assert_eq!(text_of(b1, Tag(0x0009, 0x1013)), MODEL_VERSION);
-    let labelled_at = text_of(b1, Tag(0x0009, 0x1014));
+    assert_eq!(text_of(b1, Tag(0x0099, 0x0010)), "ANATOMY_NODE 1.0");
+    assert_eq!(text_of(b1, Tag(0x0099, 0x1010)), MODEL_VERSION);
+    assert_eq!(text_of(b1, Tag(0x0099, 0x1011)), "liver");
+    assert_eq!(text_of(b1, Tag(0x0099, 0x1012)), "LABELLED");
+    assert_eq!(text_of(b1, Tag(0x0099, 0x1013)), "CHEST");
+    let labelled_at = text_of(b1, Tag(0x0099, 0x1014));
     assert!(
         labelled_at.len() == 23 && labelled_at.ends_with("+0000"),
         "{labelled_at}"
@@ -642,7 +632,7 @@ fn series_by_predicted_body_part_and_private_keys() {
     assert_eq!(text_of(b1, tags::NUMBER_OF_SERIES_RELATED_INSTANCES), "4");
     assert_eq!(text_of(b1, tags::STUDY_INSTANCE_UID), study_uid("B"));
     let a1 = by_key(&answers, "A1");
-    assert_eq!(text_of(a1, Tag(0x0009, 0x1010)), "");
+    assert_eq!(text_of(a1, Tag(0x0099, 0x1013)), "");
     assert_eq!(text_of(a1, tags::BODY_PART_EXAMINED), "CHEST");
 }
 
@@ -821,10 +811,10 @@ fn image_level_lists_key_images_with_their_labels() {
             "InstanceNumber",
             "Rows",
             CREATOR,
-            "0009,1020",
-            "0009,1021",
-            "0009,1022",
-            "0009,1023",
+            "0099,1020",
+            "0099,1021",
+            "0099,1022",
+            "0099,1023",
         ],
     );
     assert_eq!(answers.len(), SLICES as usize);
@@ -835,15 +825,15 @@ fn image_level_lists_key_images_with_their_labels() {
     let first = by_sop[&sop_uid("A1", 0)];
     assert_eq!(text_of(first, tags::INSTANCE_NUMBER), "1");
     assert_eq!(text_of(first, tags::ROWS), "16");
-    assert_eq!(text_of(first, Tag(0x0009, 0x1020)), "lungs");
-    assert_eq!(text_of(first, Tag(0x0009, 0x1021)), "0.91");
-    assert_eq!(text_of(first, Tag(0x0009, 0x1022)), "lungs");
-    assert_eq!(text_of(first, Tag(0x0009, 0x1023)), "1");
+    assert_eq!(text_of(first, Tag(0x0099, 0x1020)), "lungs");
+    assert_eq!(text_of(first, Tag(0x0099, 0x1021)), "0.91");
+    assert_eq!(text_of(first, Tag(0x0099, 0x1022)), "lungs");
+    assert_eq!(text_of(first, Tag(0x0099, 0x1023)), "1");
     let third = by_sop[&sop_uid("A1", 2)];
-    assert_eq!(text_of(third, Tag(0x0009, 0x1020)), "liver");
-    assert_eq!(text_of(third, Tag(0x0009, 0x1021)), "0.62");
+    assert_eq!(text_of(third, Tag(0x0099, 0x1020)), "liver");
+    assert_eq!(text_of(third, Tag(0x0099, 0x1021)), "0.62");
     let second = by_sop[&sop_uid("A1", 1)];
-    assert_eq!(text_of(second, Tag(0x0009, 0x1020)), "", "not a key-image");
+    assert_eq!(text_of(second, Tag(0x0099, 0x1020)), "", "not a key-image");
 
     // only the key-images of the series: a label of at least one character
     let key_images = findscu(
@@ -854,7 +844,7 @@ fn image_level_lists_key_images_with_their_labels() {
             &series,
             "SOPInstanceUID",
             CREATOR,
-            "0009,1020=?*",
+            "0099,1020=?*",
         ],
     );
     assert_eq!(
@@ -869,7 +859,7 @@ fn image_level_lists_key_images_with_their_labels() {
             &series,
             "SOPInstanceUID",
             CREATOR,
-            "0009,1020=liver",
+            "0099,1020=liver",
         ],
     );
     assert_eq!(
@@ -885,7 +875,7 @@ fn image_level_lists_key_images_with_their_labels() {
             &series,
             "SOPInstanceUID",
             CREATOR,
-            "0009,1020=lungs",
+            "0099,1020=lungs",
         ],
         &["-xi"],
     );
@@ -1365,8 +1355,8 @@ fn identifiers_in_implicit_and_explicit_vr() {
                     VR::SQ,
                     DataSetSequence::from(vec![item]),
                 ),
-                el(Tag(0x0009, 0x0010), VR::LO, "ANATOMY_NODE 1.0"),
-                el(Tag(0x0009, 0x1012), VR::CS, "LABELLED"),
+                el(Tag(0x0099, 0x0010), VR::LO, "ANATOMY_NODE 1.0"),
+                el(Tag(0x0099, 0x1012), VR::CS, "LABELLED"),
             ],
         );
         let (answers, done) = raw_find(&mut scu, STUDY_ROOT, ts, Some(&query));
@@ -1561,15 +1551,15 @@ fn labels_from_the_classifier_are_queryable() {
             "BodyPartExamined",
             "AnatomicRegionSequence",
             CREATOR,
-            "0009,1012",
-            "0009,1013",
+            "0099,1012",
+            "0099,1010",
         ],
     );
     assert_eq!(answers.len(), 1);
     let a = &answers[0];
     assert_eq!(text_of(a, tags::BODY_PART_EXAMINED), row[1]);
-    assert_eq!(text_of(a, Tag(0x0009, 0x1012)), "LABELLED");
-    assert_eq!(text_of(a, Tag(0x0009, 0x1013)), row[3]);
+    assert_eq!(text_of(a, Tag(0x0099, 0x1012)), "LABELLED");
+    assert_eq!(text_of(a, Tag(0x0099, 0x1010)), row[3]);
     let items = a
         .element(tags::ANATOMIC_REGION_SEQUENCE)
         .ok()
@@ -1609,13 +1599,13 @@ fn labels_from_the_classifier_are_queryable() {
             &series,
             "SOPInstanceUID",
             CREATOR,
-            "0009,1020=?*",
-            "0009,1021",
+            "0099,1020=?*",
+            "0099,1021",
         ],
     );
     assert_eq!(key_images.len(), 8);
     for k in &key_images {
-        let p: f64 = text_of(k, Tag(0x0009, 0x1021))
+        let p: f64 = text_of(k, Tag(0x0099, 0x1021))
             .parse()
             .expect("a probability");
         assert!((0.0..=1.0).contains(&p));

@@ -386,10 +386,15 @@ fn a_labelled_series_reaches_storescp_and_orthanc_as_tagged_copies() {
         "(0099,0010) LO [ANATOMY_NODE 1.0]",
         "(0099,1010) LO [test-stats-64]",
         "(0099,1011) LO [lungs]",
-        "(0099,1012) LO [lungs]",
-        "(0099,1013) FD 1",
-        "(0099,1014) CS [IMAGE]",
-        "(0099,1016) LO [SCT:43799004]",
+        "(0099,1015) LO [lungs]",
+        "(0099,1016) FD 1",
+        "(0099,1017) CS [IMAGE]",
+        "(0099,1019) LO [SCT:43799004]",
+        // names from deploy/anatomy-node-private.dic
+        "ModelVersion",
+        "ClassProbabilities",
+        "ProbabilityScope",
+        "RegionCodes",
     ] {
         assert!(dump.contains(expected), "{expected} missing in\n{dump}");
     }
@@ -398,7 +403,7 @@ fn a_labelled_series_reaches_storescp_and_orthanc_as_tagged_copies() {
         .find(|(uid, _)| !key_images.contains(uid) && !kos.contains(uid))
         .map(|(_, p)| p.clone())
         .expect("a non-key image");
-    assert!(dcmdump(&other).contains("(0099,1014) CS [SERIES]"));
+    assert!(dcmdump(&other).contains("(0099,1017) CS [SERIES]"));
     let stored = node
         .stored_files()
         .into_iter()

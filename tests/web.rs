@@ -624,7 +624,7 @@ fn qido_searches_match_as_c_find_does() {
         keys(["A2", "B1"])
     );
     assert_eq!(series("ReceivedBodyPartExamined=CHEST"), keys(["A2"]));
-    assert_eq!(series("00091010=ABDOMEN"), keys(["B1"]));
+    assert_eq!(series("00991013=ABDOMEN"), keys(["B1"]));
     assert_eq!(series("LabelStatus=SKIPPED"), keys(["C1"]));
     assert_eq!(
         series("PatientID=WEB-P1&BodyPartExamined=ABDOMEN"),
@@ -667,15 +667,15 @@ fn qido_searches_match_as_c_find_does() {
     assert_eq!(codes, ["43799004", "818981001"]);
     assert_eq!(value(&regions[0], "00080102"), "SCT");
     assert_eq!(value(&regions[1], "00080104"), "Abdomen");
-    assert_eq!(value(a2, "00090010"), "ANATOMY_NODE 1.0", "private creator");
+    assert_eq!(value(a2, "00990010"), "ANATOMY_NODE 1.0", "private creator");
+    assert_eq!(value(a2, "00991010"), MODEL_VERSION, "model version");
+    assert_eq!(value(a2, "00991011"), "liver", "dominant class");
+    assert_eq!(value(a2, "00991012"), "LABELLED", "label status");
     assert_eq!(
-        value(a2, "00091010"),
+        value(a2, "00991013"),
         "CHEST",
         "received Body Part Examined"
     );
-    assert_eq!(value(a2, "00091011"), "liver", "dominant class");
-    assert_eq!(value(a2, "00091012"), "LABELLED", "label status");
-    assert_eq!(value(a2, "00091013"), MODEL_VERSION, "model version");
     assert_eq!(
         value(a2, "00100010"),
         "Doe^Jane",
@@ -788,6 +788,14 @@ fn qido_searches_match_as_c_find_does() {
         "{:?}",
         unsupported.warnings
     );
+    // An element of the private block that only tagged copies carry is no search key.
+    let copy_only = get(node, "/dicom-web/series?ClassProbabilities=0.5", None);
+    assert_eq!(copy_only.status, 200);
+    assert!(
+        copy_only.warnings.iter().any(|w| w.contains("00991016")),
+        "{:?}",
+        copy_only.warnings
+    );
     let all_fields = qido(
         node,
         &format!(
@@ -796,7 +804,7 @@ fn qido_searches_match_as_c_find_does() {
         ),
     );
     assert_eq!(
-        value(&all_fields[0], "00091014").len(),
+        value(&all_fields[0], "00991014").len(),
         23,
         "LabelledDateTime (DT)"
     );

@@ -6,11 +6,12 @@
 //! * Anatomic Region Sequence (0008,2218): one item (PS3.3 Table 10-7 permits a single one),
 //!   the SNOMED CT code of that term from PS3.16 Table L-1 (Code Value, Coding Scheme
 //!   Designator `SCT`, Code Meaning);
-//! * a private block, creator [`PRIVATE_CREATOR`] in group [`PRIVATE_GROUP`] (the first free
-//!   block, or the block this creator already holds, which is replaced): model version,
-//!   dominant class, the model's classes and their probabilities — of the image when it is a
-//!   key-image, else the mean over the series' key-images — the source of those
-//!   probabilities, the coverage along z (JSON) and the codes of every region present.
+//! * the node's private block ([`crate::private_block`]: creator [`PRIVATE_CREATOR`] in group
+//!   [`PRIVATE_GROUP`]; the first free block, or the block this creator already holds, which
+//!   is replaced): model version, dominant class, the model's classes and their
+//!   probabilities — of the image when it is a key-image, else the mean over the series'
+//!   key-images — the scope of those probabilities, the coverage along z (JSON) and the
+//!   codes of every region present.
 //!
 //! Group length elements of the groups that change are dropped (they are retired in data
 //! sets and would be wrong). Nothing is changed where the label has nothing to say (a series
@@ -21,19 +22,12 @@ use std::collections::{BTreeSet, HashMap};
 use serde::Deserialize;
 
 use crate::anatomy::coverage::{self, Region};
+use crate::private_block::{self, Element as PrivateElement};
 
 /// The odd group of the node's private block.
-pub const PRIVATE_GROUP: u16 = 0x0099;
+pub const PRIVATE_GROUP: u16 = private_block::GROUP;
 /// Private Creator of the node's block (PS3.5 7.8.1).
-pub const PRIVATE_CREATOR: &str = "ANATOMY_NODE 1.0";
-/// Element offsets within the block: (0099,xx10) ... (0099,xx16).
-pub const MODEL_VERSION: u8 = 0x10;
-pub const DOMINANT_CLASS: u8 = 0x11;
-pub const CLASSES: u8 = 0x12;
-pub const PROBABILITIES: u8 = 0x13;
-pub const PROBABILITY_SOURCE: u8 = 0x14;
-pub const COVERAGE: u8 = 0x15;
-pub const REGION_CODES: u8 = 0x16;
+pub const PRIVATE_CREATOR: &str = private_block::CREATOR;
 
 const BODY_PART_EXAMINED: (u16, u16) = (0x0018, 0x0015);
 const ANATOMIC_REGION_SEQUENCE: (u16, u16) = (0x0008, 0x2218);
@@ -219,7 +213,7 @@ impl Labels {
         }
     }
 
-    /// The probabilities a copy of this instance carries, and their source.
+    /// The probabilities a copy of this instance carries, and their scope (`IMAGE`, `SERIES`).
     pub fn probabilities_for(&self, sop_instance_uid: &str) -> (&[f64], &'static str) {
         match self.image_probabilities.get(sop_instance_uid) {
             Some(p) => (p, "IMAGE"),
@@ -378,34 +372,32 @@ fn new_elements(
             enc.text(BODY_PART_EXAMINED, *b"CS", term)?,
         ));
     }
-    let g = PRIVATE_GROUP;
-    let at = |offset: u8| (g, (u16::from(block) << 8) | u16::from(offset));
-    out.push((
-        (g, u16::from(block)),
-        enc.text((g, u16::from(block)), *b"LO", PRIVATE_CREATOR)?,
-    ));
+    let creator = (PRIVATE_GROUP, u16::from(block));
+    out.push((creator, enc.text(creator, *b"LO", PRIVATE_CREATOR)?));
+    // Each element with the tag and VR the block defines.
+    let tag_of = |e: &PrivateElement| {
+        let t = e.tag_in(block);
+        (t.group(), t.element())
+    };
+    let text = |e: &PrivateElement, value: &str| -> Result<Encoded, TagError> {
+        Ok((tag_of(e), enc.text(tag_of(e), e.vr.to_bytes(), value)?))
+    };
     if let Some(v) = &labels.model_version {
-        out.push((at(MODEL_VERSION), enc.text(at(MODEL_VERSION), *b"LO", v)?));
+        out.push(text(&private_block::MODEL_VERSION, v)?);
     }
     if let Some(d) = &labels.dominant_class {
-        out.push((at(DOMINANT_CLASS), enc.text(at(DOMINANT_CLASS), *b"LO", d)?));
+        out.push(text(&private_block::DOMINANT_CLASS, d)?);
     }
-    let (probabilities, source) = labels.probabilities_for(sop_instance_uid);
+    let (probabilities, scope) = labels.probabilities_for(sop_instance_uid);
     if !labels.classes.is_empty() && probabilities.len() == labels.classes.len() {
-        let names = labels.classes.join("\\");
-        out.push((at(CLASSES), enc.text(at(CLASSES), *b"LO", &names)?));
+        out.push(text(&private_block::CLASSES, &labels.classes.join("\\"))?);
+        let e = &private_block::PROBABILITIES;
         let bytes: Vec<u8> = probabilities.iter().flat_map(|p| p.to_le_bytes()).collect();
-        out.push((
-            at(PROBABILITIES),
-            enc.raw(at(PROBABILITIES), *b"FD", &bytes)?,
-        ));
-        out.push((
-            at(PROBABILITY_SOURCE),
-            enc.text(at(PROBABILITY_SOURCE), *b"CS", source)?,
-        ));
+        out.push((tag_of(e), enc.raw(tag_of(e), e.vr.to_bytes(), &bytes)?));
+        out.push(text(&private_block::PROBABILITY_SCOPE, scope)?);
     }
     if let Some(c) = &labels.coverage_json {
-        out.push((at(COVERAGE), enc.text(at(COVERAGE), *b"UT", c)?));
+        out.push(text(&private_block::COVERAGE, c)?);
     }
     if !labels.regions.is_empty() {
         let codes = labels
@@ -414,10 +406,7 @@ fn new_elements(
             .map(|(value, scheme, _)| format!("{scheme}:{value}"))
             .collect::<Vec<_>>()
             .join("\\");
-        out.push((
-            at(REGION_CODES),
-            enc.text(at(REGION_CODES), *b"LO", &codes)?,
-        ));
+        out.push(text(&private_block::REGION_CODES, &codes)?);
     }
     out.sort_by_key(|(t, _)| *t);
     Ok(out)
@@ -628,6 +617,7 @@ impl Walker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dicom_core::header::Header as _;
     use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
     use dicom_dictionary_std::tags;
     use dicom_encoding::TransferSyntaxIndex;
@@ -753,19 +743,30 @@ mod tests {
         assert_eq!(text(&copy, Tag(0x0099, 0x0010)), PRIVATE_CREATOR);
         assert_eq!(text(&copy, Tag(0x0099, 0x1010)), "test-1");
         assert_eq!(text(&copy, Tag(0x0099, 0x1011)), "lungs");
-        assert_eq!(text(&copy, Tag(0x0099, 0x1012)), "lungs\\liver\\other");
+        assert_eq!(text(&copy, Tag(0x0099, 0x1015)), "lungs\\liver\\other");
         let p: Vec<f64> = copy
-            .element(Tag(0x0099, 0x1013))
+            .element(Tag(0x0099, 0x1016))
             .unwrap()
             .to_multi_float64()
             .unwrap();
         assert_eq!(p, vec![0.9, 0.05, 0.05], "a key-image carries its own");
-        assert_eq!(text(&copy, Tag(0x0099, 0x1014)), "IMAGE");
-        assert!(text(&copy, Tag(0x0099, 0x1015)).starts_with("[{\"class\":\"lungs\""));
+        assert_eq!(text(&copy, Tag(0x0099, 0x1017)), "IMAGE");
+        assert!(text(&copy, Tag(0x0099, 0x1018)).starts_with("[{\"class\":\"lungs\""));
         assert_eq!(
-            text(&copy, Tag(0x0099, 0x1016)),
+            text(&copy, Tag(0x0099, 0x1019)),
             "SCT:43799004\\SCT:818981001"
         );
+        // Each element has the VR the block defines, and nothing else is in the block.
+        let mut written = 0;
+        for e in copy.iter().filter(|e| e.tag().group() == 0x0099) {
+            if e.tag().element() <= 0x00FF {
+                continue;
+            }
+            let defined = private_block::by_offset(e.tag().element() as u8).unwrap();
+            assert_eq!(e.vr(), defined.vr, "{}", defined.name);
+            written += 1;
+        }
+        assert_eq!(written, 7);
         assert_eq!(text(&copy, tags::PATIENT_NAME), "Doe^J");
         assert_eq!(
             copy.element(tags::PIXEL_DATA)
@@ -789,7 +790,7 @@ mod tests {
             .expect("parses");
         assert_eq!(text(&copy, tags::BODY_PART_EXAMINED), "CHESTABDOMEN");
         let raw = copy
-            .element(Tag(0x0099, 0x1013))
+            .element(Tag(0x0099, 0x1016))
             .unwrap()
             .to_bytes()
             .unwrap();
@@ -802,7 +803,7 @@ mod tests {
             assert!((a - b).abs() < 1e-12, "{p:?}");
         }
         let source = copy
-            .element(Tag(0x0099, 0x1014))
+            .element(Tag(0x0099, 0x1017))
             .unwrap()
             .to_bytes()
             .unwrap();

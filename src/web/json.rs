@@ -152,7 +152,7 @@ mod tests {
             ),
             DataElement::new(Tag(0x0008, 0x0061), VR::CS, PrimitiveValue::from("CT\\MR")),
             DataElement::new(Tag(0x0020, 0x1206), VR::IS, PrimitiveValue::from("12 ")),
-            DataElement::new(Tag(0x0009, 0x1021), VR::DS, PrimitiveValue::from("0.25\\1")),
+            DataElement::new(Tag(0x0099, 0x1021), VR::DS, PrimitiveValue::from("0.25\\1")),
             DataElement::new(Tag(0x0028, 0x0010), VR::US, PrimitiveValue::from(512_u16)),
             DataElement::new(Tag(0x0020, 0x000D), VR::UI, PrimitiveValue::from("1.2.3\0")),
             DataElement::new(Tag(0x0008, 0x1030), VR::LO, PrimitiveValue::Empty),
@@ -172,7 +172,7 @@ mod tests {
                     "00080100": {"vr": "SH", "Value": ["43799004"]},
                     "00080104": {"vr": "LO"}
                 }]},
-                "00091021": {"vr": "DS", "Value": [0.25, 1]},
+                "00991021": {"vr": "DS", "Value": [0.25, 1]},
                 "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Müller^Jörg", "Ideographic": "ミュラー"}]},
                 "0020000D": {"vr": "UI", "Value": ["1.2.3"]},
                 "00201206": {"vr": "IS", "Value": [12]},

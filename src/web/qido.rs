@@ -28,6 +28,7 @@ use super::{json, WebState};
 use crate::dimse::find::identifier::{self, IdentifierError, Query as FindQuery};
 use crate::dimse::find::keys::{self, Join, Level, Model};
 use crate::dimse::find::sql;
+use crate::private_block;
 
 const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
 const QUERY_RETRIEVE_LEVEL: Tag = Tag(0x0008, 0x0052);
@@ -124,6 +125,10 @@ fn attribute(id: &str) -> Result<Attribute, WebError> {
         Tag(group, element)
     } else if let Some(key) = keys::KEYS.iter().find(|k| k.name == id) {
         key.tag
+    } else if let Some(element) = private_block::by_name(id) {
+        // An element of the block that is no search key (ClassProbabilities, ...): named,
+        // so the search ignores it with a Warning like any other unsupported attribute.
+        element.tag()
     } else {
         match StandardDataDictionary.by_name(id).map(|e| e.tag) {
             Some(TagRange::Single(tag)) => tag,
@@ -744,6 +749,7 @@ mod tests {
                 ("SeriesDescription", "*chest*"),
                 ("LabelStatus", "LABELLED"),
                 ("AnatomicRegionSequence.CodeValue", "43799004"),
+                ("ProbabilityScope", "IMAGE"),
             ],
         );
         assert_eq!(
@@ -751,6 +757,10 @@ mod tests {
             &Condition::Uids(vec!["1.2.3".into()])
         );
         assert_eq!(q.private_block, Some(keys::PRIVATE_BLOCK));
+        let status = q.keys.iter().find(|k| k.key.name == "LabelStatus").unwrap();
+        assert_eq!(status.key.tag, Tag(0x0099, 0x1012));
+        // An element of the block that only tagged copies carry: not a key, ignored.
+        assert_eq!(q.unsupported, [Tag(0x0099, 0x1017)]);
         let regions = q
             .keys
             .iter()

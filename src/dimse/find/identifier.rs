@@ -600,27 +600,31 @@ mod tests {
         for ts in [IMPLICIT_VR_LE, EXPLICIT_VR_LE] {
             let q = series_query(
                 vec![
-                    text(Tag(0x0009, 0x0010), VR::LO, "SOMEONE ELSE"),
-                    text(Tag(0x0009, 0x0011), VR::LO, keys::PRIVATE_CREATOR),
-                    text(Tag(0x0009, 0x1010), VR::CS, "X"),
-                    text(Tag(0x0009, 0x1110), VR::CS, "ABDOMEN"),
-                    text(Tag(0x0009, 0x1112), VR::CS, "LABELLED"),
+                    text(Tag(0x0099, 0x0010), VR::LO, "SOMEONE ELSE"),
+                    text(Tag(0x0099, 0x0011), VR::LO, keys::PRIVATE_CREATOR),
+                    text(Tag(0x0099, 0x1013), VR::CS, "X"),
+                    text(Tag(0x0099, 0x1112), VR::CS, "LABELLED"),
+                    text(Tag(0x0099, 0x1113), VR::CS, "ABDOMEN"),
+                    // a block element that is not a C-FIND key
+                    text(Tag(0x0099, 0x1117), VR::CS, "IMAGE"),
                 ],
                 ts,
             )
             .unwrap();
             assert_eq!(q.private_block, Some(0x11));
-            assert_eq!(q.unsupported, [Tag(0x0009, 0x1010)]);
-            assert_eq!(q.keys[0].key.name, "ReceivedBodyPartExamined");
+            assert_eq!(q.unsupported, [Tag(0x0099, 0x1013), Tag(0x0099, 0x1117)]);
+            assert_eq!(q.keys[0].key.name, "LabelStatus");
             assert_eq!(
                 q.keys[0].condition,
-                matching::text(&["ABDOMEN".to_string()])
-            );
-            assert_eq!(
-                q.keys[1].condition,
                 matching::text(&["labelled".to_string()])
             );
-            assert_eq!(q.answer_tag(q.keys[1].key), Tag(0x0009, 0x1112));
+            assert_eq!(q.keys[1].key.name, "ReceivedBodyPartExamined");
+            assert_eq!(
+                q.keys[1].condition,
+                matching::text(&["ABDOMEN".to_string()])
+            );
+            assert_eq!(q.answer_tag(q.keys[0].key), Tag(0x0099, 0x1112));
+            assert_eq!(q.answer_tag(q.keys[1].key), Tag(0x0099, 0x1113));
         }
     }
 

@@ -9,6 +9,8 @@
 use dicom_core::{Tag, VR};
 use dicom_dictionary_std::uids;
 
+use crate::private_block;
+
 /// The Query/Retrieve Level (0008,0052), top to bottom.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -162,14 +164,27 @@ impl Key {
     }
 }
 
-/// Private Creator of our block in group 0009 (PS3.5 7.8.1).
-pub const PRIVATE_CREATOR: &str = "ANATOMY_NODE 1.0";
-pub const PRIVATE_GROUP: u16 = 0x0009;
+/// Private Creator of our block ([`crate::private_block`], PS3.5 7.8.1).
+pub const PRIVATE_CREATOR: &str = private_block::CREATOR;
+pub const PRIVATE_GROUP: u16 = private_block::GROUP;
 /// The block the table below uses; a request may reserve another, answers use the request's.
-pub const PRIVATE_BLOCK: u8 = 0x10;
+pub const PRIVATE_BLOCK: u8 = private_block::DEFAULT_BLOCK;
 
-const fn private(element: u16) -> Tag {
-    Tag(PRIVATE_GROUP, ((PRIVATE_BLOCK as u16) << 8) | element)
+/// A key of the private block: tag, VR and name are the element's.
+const fn private(
+    element: &private_block::Element,
+    level: Level,
+    matching: Matching,
+    source: Source,
+) -> Key {
+    key(
+        element.tag_in(PRIVATE_BLOCK),
+        element.vr,
+        element.name,
+        level,
+        matching,
+        source,
+    )
 }
 
 const fn key(
@@ -196,6 +211,7 @@ const fn joined(mut k: Key, join: Join) -> Key {
     k
 }
 
+use private_block as P;
 use KeyImageField as F;
 use Level::{Image, Patient, Series, Study};
 use Matching as M;
@@ -241,11 +257,12 @@ pub static KEYS: &[Key] = &[
     key(Tag(0x0020, 0x0011), VR::IS, "SeriesNumber", Series, M::Integer, S::Integer("s.series_number")),
     key(Tag(0x0020, 0x1209), VR::IS, "NumberOfSeriesRelatedInstances", Series, M::ReturnOnly,
         S::Integer("(SELECT COUNT(*) FROM instances x WHERE x.series_ref = s.id)")),
-    key(private(0x10), VR::CS, "ReceivedBodyPartExamined", Series, M::Text, S::Text("s.body_part_examined")),
-    key(private(0x11), VR::LO, "PredictedDominantClass", Series, M::Text, S::Text("s.predicted_class")),
-    key(private(0x12), VR::CS, "LabelStatus", Series, M::LowerCase, S::UpperText("s.label_status")),
-    joined(key(private(0x13), VR::LO, "ModelVersion", Series, M::Text, S::Text("sl.model_version")), Join::Labels),
-    joined(key(private(0x14), VR::DT, "LabelledDateTime", Series, M::DateTime, S::EpochMillis("sl.labelled_at")), Join::Labels),
+    // the private block (crate::private_block): what the node decided
+    joined(private(&P::MODEL_VERSION, Series, M::Text, S::Text("sl.model_version")), Join::Labels),
+    private(&P::DOMINANT_CLASS, Series, M::Text, S::Text("s.predicted_class")),
+    private(&P::LABEL_STATUS, Series, M::LowerCase, S::UpperText("s.label_status")),
+    private(&P::RECEIVED_BODY_PART, Series, M::Text, S::Text("s.body_part_examined")),
+    joined(private(&P::LABELLED_DATE_TIME, Series, M::DateTime, S::EpochMillis("sl.labelled_at")), Join::Labels),
     // IMAGE
     key(Tag(0x0008, 0x0016), VR::UI, "SOPClassUID", Image, M::Uid, S::Text("i.sop_class_uid")),
     key(Tag(0x0008, 0x0018), VR::UI, "SOPInstanceUID", Image, M::Uid, S::Text("i.sop_instance_uid")),
@@ -253,10 +270,11 @@ pub static KEYS: &[Key] = &[
     key(Tag(0x0028, 0x0008), VR::IS, "NumberOfFrames", Image, M::Integer, S::Integer("i.number_of_frames")),
     key(Tag(0x0028, 0x0010), VR::US, "Rows", Image, M::Integer, S::Integer("i.image_rows")),
     key(Tag(0x0028, 0x0011), VR::US, "Columns", Image, M::Integer, S::Integer("i.image_columns")),
-    joined(key(private(0x20), VR::LO, "KeyImageLabel", Image, M::Text, S::KeyImage(F::Label)), Join::KeyImages),
-    joined(key(private(0x21), VR::DS, "KeyImageProbability", Image, M::ReturnOnly, S::KeyImage(F::Probability)), Join::KeyImages),
-    joined(key(private(0x22), VR::LO, "KeyImageSmoothedLabel", Image, M::Text, S::KeyImage(F::SmoothedLabel)), Join::KeyImages),
-    joined(key(private(0x23), VR::IS, "KeyImageFrameNumber", Image, M::Integer, S::KeyImage(F::FrameNumber)), Join::KeyImages),
+    // the private block: the instance's key frames
+    joined(private(&P::KEY_IMAGE_LABEL, Image, M::Text, S::KeyImage(F::Label)), Join::KeyImages),
+    joined(private(&P::KEY_IMAGE_PROBABILITY, Image, M::ReturnOnly, S::KeyImage(F::Probability)), Join::KeyImages),
+    joined(private(&P::KEY_IMAGE_SMOOTHED_LABEL, Image, M::Text, S::KeyImage(F::SmoothedLabel)), Join::KeyImages),
+    joined(private(&P::KEY_IMAGE_FRAME, Image, M::Integer, S::KeyImage(F::FrameNumber)), Join::KeyImages),
 ];
 
 /// The SQL expression a key-image field is matched against.
@@ -329,6 +347,11 @@ mod tests {
                     .unwrap_or_else(|| panic!("{} not in the dictionary", k.name));
                 assert_eq!(entry.alias, k.name, "{:?}", k.tag);
                 assert_eq!(entry.vr.relaxed(), k.vr, "{}", k.name);
+            } else {
+                assert_eq!(k.tag.element() >> 8, u16::from(PRIVATE_BLOCK), "{}", k.name);
+                let element = private_block::by_offset(k.tag.element() as u8)
+                    .unwrap_or_else(|| panic!("{} not in the private block", k.name));
+                assert_eq!((element.vr, element.name), (k.vr, k.name), "{:?}", k.tag);
             }
         }
     }
