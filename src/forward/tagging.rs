@@ -477,23 +477,9 @@ impl Encoder {
     }
 }
 
+/// PS3.5 7.1.2 (one list for the whole node: `store::inspect`).
 fn has_long_length(vr: [u8; 2]) -> bool {
-    matches!(
-        &vr,
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"SV"
-            | b"UV"
-    )
+    crate::store::inspect::has_long_length(vr)
 }
 
 /// Element boundaries of a data set in memory (headers only; values are skipped).

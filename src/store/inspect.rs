@@ -617,7 +617,7 @@ fn is_summary_tag(tag: (u16, u16)) -> bool {
 }
 
 /// PS3.5 7.1.2: VRs whose explicit encoding has a reserved field and a 32-bit length.
-fn has_long_length(vr: [u8; 2]) -> bool {
+pub fn has_long_length(vr: [u8; 2]) -> bool {
     matches!(
         &vr,
         b"OB"

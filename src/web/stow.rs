@@ -106,22 +106,7 @@ pub fn read_file_meta(mut r: impl Read) -> Result<FileMeta, String> {
         }
         let element = u16::from_le_bytes([h[2], h[3]]);
         let vr = [h[4], h[5]];
-        let (len, header_len) = if matches!(
-            &vr,
-            b"OB"
-                | b"OD"
-                | b"OF"
-                | b"OL"
-                | b"OV"
-                | b"OW"
-                | b"SQ"
-                | b"SV"
-                | b"UC"
-                | b"UN"
-                | b"UR"
-                | b"UT"
-                | b"UV"
-        ) {
+        let (len, header_len) = if crate::store::inspect::has_long_length(vr) {
             let mut l = [0u8; 4];
             r.read_exact(&mut l)
                 .map_err(|_| "the file ends inside the file meta information".to_string())?;

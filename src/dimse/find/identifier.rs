@@ -174,22 +174,7 @@ fn read_header(
     if !vr.iter().all(u8::is_ascii_uppercase) {
         return Err(format!("{tag} has no valid VR at byte {at}"));
     }
-    if matches!(
-        &vr,
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"SV"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"UV"
-    ) {
+    if crate::store::inspect::has_long_length(vr) {
         if at + 12 > end {
             return Err(format!("truncated element header at byte {at}"));
         }
