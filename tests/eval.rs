@@ -61,52 +61,9 @@ const IMAGES: [(&str, &str, &str, &str, [i32; 4]); 12] = [
 // ---------------------------------------------------------------------------------------
 // Helpers
 
-/// A Python that can `import onnx, numpy`: `ANATOMY_TEST_PYTHON`, else
-/// `.venv-tests/bin/python` (tests/run-all.sh creates it), else `python3`.
-fn python() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let candidates = [
-        std::env::var_os("ANATOMY_TEST_PYTHON").map(PathBuf::from),
-        Some(root.join(".venv-tests/bin/python")),
-        Some(PathBuf::from("python3")),
-    ];
-    let found = candidates.into_iter().flatten().find(|python| {
-        Command::new(python)
-            .args(["-c", "import onnx, numpy"])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if found.is_none() {
-        let how = "no Python with the `onnx` package to write test models: run \
-                   `python3 -m venv .venv-tests && .venv-tests/bin/pip install -r \
-                   tests/tools/requirements.txt` (tests/run-all.sh does it), or set \
-                   ANATOMY_TEST_PYTHON";
-        if std::env::var("ANATOMY_ALLOW_SKIP_PYTHON").as_deref() == Ok("1") {
-            eprintln!("SKIPPED: {how}");
-        } else {
-            panic!("{how}; ANATOMY_ALLOW_SKIP_PYTHON=1 skips these tests instead");
-        }
-    }
-    found
-}
-
 /// Writes `dir/<name>.onnx` (and its `.json` parameters) with make_test_model.py.
 fn make_model(dir: &Path, name: &str, args: &[&str]) -> Option<PathBuf> {
-    let python = python()?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = dir.join(format!("{name}.onnx"));
-    let output = Command::new(python)
-        .arg(root.join("tests/tools/make_test_model.py"))
-        .arg(&out)
-        .args(args)
-        .output()
-        .expect("run make_test_model.py");
-    assert!(
-        output.status.success(),
-        "make_test_model.py {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Some(out)
+    common::models::make(dir, name, args)
 }
 
 /// The `stats` model of the tests, at [`SIZE`] with [`CLASSES`] and [`TEMPERATURE`].
@@ -590,7 +547,7 @@ fn figures_agree_with_training_metrics_py() {
     let Some(setup) = Setup::new() else { return };
     let out = setup.out("all");
     let (m, _) = eval(&setup.model, &setup.dataset(), &out, &["--split", "all"]);
-    let Some(python) = python() else { return };
+    let Some(python) = common::models::python() else { return };
     let script = r#"
 import csv, json, sys
 import numpy as np

@@ -6,6 +6,8 @@
 //!
 //! `ANATOMY_PIXELS_ALL=1` compares every file of labels.csv instead of one per case.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,18 +21,7 @@ const QUIRKY_FILES: [&str; 3] = [
 ];
 
 fn data_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("ANATOMY_CT_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/ct"));
-    if dir.join("labels.csv").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIPPED: no real CT data at {} (set ANATOMY_CT_DATA)",
-            dir.display()
-        );
-        None
-    }
+    common::data::ct_data()
 }
 
 /// A Python with the packages of tests/tools/requirements.txt: `ANATOMY_TEST_PYTHON`,

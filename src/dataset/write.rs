@@ -10,8 +10,9 @@ use serde::Serialize;
 /// Added to HU so that every CT value fits an unsigned 16-bit sample.
 pub const HU_OFFSET: i32 = 32768;
 
-/// One row of `manifest.csv`, in the contract's column order.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One row of `manifest.csv`, in the contract's column order. Written by `dataset build`
+/// (and `mine`), read back by `eval` (by header name; extra columns are ignored).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ManifestRow {
     /// Path relative to the dataset folder.
     pub image: String,

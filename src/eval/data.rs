@@ -87,19 +87,8 @@ pub struct DatasetJson {
     pub labels_file: Option<String>,
 }
 
-/// One row of `manifest.csv` (columns by header name; extra columns are ignored).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Row {
-    pub image: String,
-    pub patient_key: String,
-    pub study_uid: String,
-    pub series_uid: String,
-    pub sop_instance_uid: String,
-    pub z_mm: String,
-    pub label: String,
-    pub label_source: String,
-    pub split: String,
-}
+/// One row of `manifest.csv`: the dataset builder's own type.
+pub type Row = crate::dataset::ManifestRow;
 
 /// An opened dataset folder.
 #[derive(Debug, Clone)]
