@@ -547,7 +547,9 @@ fn figures_agree_with_training_metrics_py() {
     let Some(setup) = Setup::new() else { return };
     let out = setup.out("all");
     let (m, _) = eval(&setup.model, &setup.dataset(), &out, &["--split", "all"]);
-    let Some(python) = common::models::python() else { return };
+    let Some(python) = common::models::python() else {
+        return;
+    };
     let script = r#"
 import csv, json, sys
 import numpy as np
