@@ -48,6 +48,12 @@ pub struct Config {
     /// `[[routes]]`: which labelled series go to which destinations.
     #[serde(default)]
     pub routes: Vec<crate::forward::RouteConfig>,
+    /// `[archive]`: the archive `anatomy-node mine` queries and retrieves from.
+    #[serde(default)]
+    pub archive: crate::mine::ArchiveConfig,
+    /// `[mine]`: label sources, the dataset and the load limits of `anatomy-node mine`.
+    #[serde(default)]
+    pub mine: crate::mine::MineConfig,
 }
 
 /// `classifier.key_images`: a number, or "all".
@@ -368,6 +374,7 @@ impl Config {
         if self.classifier.model.is_relative() {
             self.classifier.model = base.join(&self.classifier.model);
         }
+        self.mine.resolve_paths(base);
         if let Some(lib) = self.classifier.onnxruntime_library.as_mut() {
             if lib.as_os_str().is_empty() {
                 self.classifier.onnxruntime_library = None;
@@ -435,6 +442,7 @@ impl Config {
         }
         crate::forward::validate(&self.forward, &self.destinations, &self.routes)
             .map_err(ConfigError::Invalid)?;
+        crate::mine::validate(&self.archive, &self.mine).map_err(ConfigError::Invalid)?;
         let url = &self.database.url;
         if !(url.is_empty()
             || url.starts_with("sqlite:")

@@ -15,6 +15,7 @@ pub mod eval;
 pub mod forward;
 pub mod index;
 pub mod metrics;
+pub mod mine;
 pub mod node;
 pub mod private_block;
 pub mod series;

@@ -43,6 +43,10 @@ enum Command {
         #[command(subcommand)]
         command: anatomy_node::forward::cli::ForwardCommand,
     },
+    /// Mine labelled key-images from the archive into a dataset folder (cron job): label
+    /// sources from [mine], the archive from [archive]. Exit codes: 0 complete, 1 failed,
+    /// 2 usage, 3 some studies failed, 4 stopped early (time window, signal), 75 locked.
+    Mine(anatomy_node::mine::MineArgs),
     /// Training data preparation.
     Dataset {
         #[command(subcommand)]
@@ -87,6 +91,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             command: DatasetCommand::Build(args),
         } => anatomy_node::dataset::run_build(&args.into()),
         Command::Eval(args) => anatomy_node::eval::run_eval(args),
+        Command::Mine(args) => {
+            drop(runtime);
+            let mut config = match Config::load(args.config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("anatomy-node mine: error: {e}");
+                    std::process::exit(i32::from(anatomy_node::mine::exit::USAGE));
+                }
+            };
+            // A progress bar on a terminal, structured logs (log.format) otherwise.
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                config.log.level = "warn".into();
+            }
+            init_logging(&config);
+            let code = anatomy_node::mine::run(args, config);
+            std::process::exit(i32::from(code));
+        }
         Command::Forward { command } => runtime.block_on(anatomy_node::forward::cli::run(command)),
         Command::Classify(args) => {
             let mut config = Config::load(args.config.as_deref())?;

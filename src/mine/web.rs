@@ -1,0 +1,333 @@
+//! The DICOMweb client of `archive.retrieve = "dicomweb"` (PS3.18): QIDO-RS searches with
+//! `limit`/`offset` paging, WADO-RS retrieval of one instance at a time (its multipart body
+//! streamed into the spool, never held whole). Blocking (ureq); the caller runs it on the
+//! blocking pool. Plain HTTP only: for HTTPS put a TLS proxy on this host in front.
+
+use std::io::Read;
+use std::time::Duration;
+
+use dicom_core::Tag;
+
+use super::answer::Answer;
+use super::spool::Spool;
+
+/// Results asked for per QIDO-RS request.
+const PAGE: usize = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebError {
+    #[error("{url}: {reason}")]
+    Http { url: String, reason: String },
+    #[error("{url}: HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{url}: {reason}")]
+    Body { url: String, reason: String },
+    #[error("writing a retrieved instance: {0}")]
+    Spool(std::io::Error),
+}
+
+pub struct DicomWeb {
+    agent: ureq::Agent,
+    base: String,
+}
+
+impl DicomWeb {
+    pub fn new(base: &str, connect: Duration, read: Duration) -> DicomWeb {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(connect))
+            .timeout_per_read(Some(read))
+            .timeout_per_write(Some(read))
+            .build();
+        DicomWeb {
+            agent: config.into(),
+            base: base.trim_end_matches('/').to_string(),
+        }
+    }
+
+    /// A QIDO-RS search (`path` such as `studies` or `studies/{uid}/series`), every page.
+    /// `params` are attribute matches (tag → value); `fields` go to `includefield`.
+    pub fn search(
+        &self,
+        path: &str,
+        params: &[(Tag, String)],
+        fields: &[Tag],
+        max_answers: usize,
+    ) -> Result<Vec<Answer>, WebError> {
+        let mut query: Vec<String> = params
+            .iter()
+            .map(|(tag, value)| format!("{}={}", tag_key(*tag), encode(value)))
+            .collect();
+        if !fields.is_empty() {
+            let list: Vec<String> = fields.iter().map(|t| tag_key(*t)).collect();
+            query.push(format!("includefield={}", list.join(",")));
+        }
+        let mut answers = Vec::new();
+        loop {
+            let url = format!(
+                "{}/{path}?{}&limit={PAGE}&offset={}",
+                self.base,
+                query.join("&"),
+                answers.len()
+            );
+            let mut response = self
+                .agent
+                .get(&url)
+                .header("Accept", "application/dicom+json")
+                .call()
+                .map_err(|e| WebError::Http {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?;
+            let status = response.status().as_u16();
+            if status == 204 {
+                break;
+            }
+            let body = response
+                .body_mut()
+                .with_config()
+                .limit(256 * 1024 * 1024)
+                .read_to_string()
+                .map_err(|e| WebError::Body {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?;
+            if status != 200 {
+                return Err(WebError::Status {
+                    url,
+                    status,
+                    body: body.chars().take(300).collect(),
+                });
+            }
+            let page: Vec<serde_json::Value> =
+                serde_json::from_str(&body).map_err(|e| WebError::Body {
+                    url: url.clone(),
+                    reason: format!("not a DICOM JSON array: {e}"),
+                })?;
+            let n = page.len();
+            for item in &page {
+                answers.push(Answer::from_json(item).map_err(|reason| WebError::Body {
+                    url: url.clone(),
+                    reason,
+                })?);
+            }
+            if answers.len() > max_answers {
+                return Err(WebError::Body {
+                    url,
+                    reason: format!(
+                        "more than {max_answers} answers; make archive.query_page_days smaller"
+                    ),
+                });
+            }
+            if n < PAGE {
+                break;
+            }
+        }
+        Ok(answers)
+    }
+
+    /// WADO-RS: one instance into the spool (when the spool expects it). Returns whether
+    /// it was stored.
+    pub fn retrieve_instance(
+        &self,
+        study: &str,
+        series: &str,
+        sop: &str,
+        spool: &Spool,
+    ) -> Result<bool, WebError> {
+        let url = format!(
+            "{}/studies/{}/series/{}/instances/{}",
+            self.base,
+            encode(study),
+            encode(series),
+            encode(sop)
+        );
+        let response = self
+            .agent
+            .get(&url)
+            .header("Accept", "multipart/related; type=\"application/dicom\"")
+            .call()
+            .map_err(|e| WebError::Http {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let (_, body) = response.into_parts();
+        let mut reader = body.into_reader();
+        if status != 200 {
+            let mut text = String::new();
+            let _ = reader.take(300).read_to_string(&mut text);
+            return Err(WebError::Status {
+                url,
+                status,
+                body: text,
+            });
+        }
+        let Some(boundary) = boundary_of(&content_type) else {
+            return Err(WebError::Body {
+                url,
+                reason: format!("Content-Type {content_type:?} is not multipart with a boundary"),
+            });
+        };
+        let Some(mut incoming) = spool.begin_file(sop).map_err(WebError::Spool)? else {
+            return Ok(false);
+        };
+        copy_first_part(&mut reader, &boundary, &mut |bytes| incoming.write(bytes)).map_err(
+            |e| WebError::Body {
+                url: url.clone(),
+                reason: e.to_string(),
+            },
+        )?;
+        if incoming.bytes() < 132 {
+            return Err(WebError::Body {
+                url,
+                reason: "the part is too short to be a DICOM file".into(),
+            });
+        }
+        spool.finish(incoming).map_err(WebError::Spool)?;
+        Ok(true)
+    }
+}
+
+/// `00100020`: QIDO-RS names attributes by tag.
+fn tag_key(tag: Tag) -> String {
+    format!("{:04X}{:04X}", tag.0, tag.1)
+}
+
+/// Percent-encoding of a query value or path segment (RFC 3986 unreserved characters, and
+/// the `,` `*` of QIDO-RS lists and wild cards, stay as they are).
+pub fn encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~,*".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn boundary_of(content_type: &str) -> Option<String> {
+    if !content_type
+        .trim_start()
+        .to_ascii_lowercase()
+        .starts_with("multipart/")
+    {
+        return None;
+    }
+    content_type.split(';').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        (k.trim().eq_ignore_ascii_case("boundary"))
+            .then(|| v.trim().trim_matches('"').to_string())
+            .filter(|b| !b.is_empty())
+    })
+}
+
+/// Stream the body of the first part of a multipart body to `sink` (PS3.18 8.6.1.2: one
+/// part per instance; the others, if any, are not read).
+fn copy_first_part(
+    reader: &mut impl Read,
+    boundary: &str,
+    sink: &mut impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let bad = |why: &str| std::io::Error::other(why.to_string());
+    let opening = format!("--{boundary}");
+    let delimiter = format!("\r\n--{boundary}").into_bytes();
+    let mut buf: Vec<u8> = Vec::with_capacity(256 * 1024);
+    let mut chunk = vec![0u8; 128 * 1024];
+    let mut fill = |buf: &mut Vec<u8>| -> std::io::Result<bool> {
+        let n = reader.read(&mut chunk)?;
+        buf.extend_from_slice(&chunk[..n]);
+        Ok(n > 0)
+    };
+    // The opening delimiter and the part's headers, up to the empty line.
+    let body_start = loop {
+        if let Some(end) = find(&buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]);
+            if !head.trim_start().starts_with(&opening) {
+                return Err(bad("the body does not start with its boundary"));
+            }
+            break end + 4;
+        }
+        if buf.len() > 64 * 1024 || !fill(&mut buf)? {
+            return Err(bad("no part headers"));
+        }
+    };
+    buf.drain(..body_start);
+    loop {
+        if let Some(end) = find(&buf, &delimiter) {
+            return sink(&buf[..end]);
+        }
+        // Keep what could be the start of the delimiter.
+        let keep = delimiter.len().min(buf.len());
+        let flush = buf.len() - keep;
+        if flush > 0 {
+            sink(&buf[..flush])?;
+            buf.drain(..flush);
+        }
+        if !fill(&mut buf)? {
+            return Err(bad("the part has no closing boundary (truncated body)"));
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boundaries_and_parts() {
+        assert_eq!(
+            boundary_of("multipart/related; type=\"application/dicom\"; boundary=\"a b\"")
+                .as_deref(),
+            Some("a b")
+        );
+        assert_eq!(boundary_of("application/dicom"), None);
+        let body = b"--XX\r\nContent-Type: application/dicom\r\n\r\nDICM\r\n--X-body\r\n--XX\r\nContent-Type: application/dicom\r\n\r\nsecond\r\n--XX--";
+        for step in [1usize, 3, 7, 1000] {
+            let mut reader = Slow(&body[..], step);
+            let mut out = Vec::new();
+            copy_first_part(&mut reader, "XX", &mut |b| {
+                out.extend_from_slice(b);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(out, b"DICM\r\n--X-body", "step {step}");
+        }
+        let mut truncated = &b"--XX\r\n\r\nDICM..."[..];
+        assert!(copy_first_part(&mut truncated, "XX", &mut |_| Ok(())).is_err());
+    }
+
+    #[test]
+    fn values_are_percent_encoded() {
+        assert_eq!(encode("1.2.3,1.2.4"), "1.2.3,1.2.4");
+        assert_eq!(encode("20240101-20240131"), "20240101-20240131");
+        assert_eq!(encode("a b&c"), "a%20b%26c");
+    }
+
+    struct Slow<'a>(&'a [u8], usize);
+
+    impl Read for Slow<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.1.min(out.len()).min(self.0.len());
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+}
