@@ -86,7 +86,8 @@
 # Reports: $REPORTS/<run id>/ (run id = UTC time, e.g. 20261128T020000Z; `latest` links to
 # the newest): decision.json (outcome, exit code, reason, mine exit code and meaning, dataset
 # and test-split counts, both models' headline figures, backup path, reload result),
-# summary.txt (the same in a few lines, also printed on stdout), mine.log, pack.log,
+# summary.txt (the same in a few lines, also printed on stdout), mine.log and mine.json (the
+# dataset's mine.json after the run, when mine wrote one), pack.log,
 # train.log, export.log, train/ (config.json, metrics.json, history.jsonl, model.pt),
 # candidate.onnx (when trained here), eval-current/ and eval-candidate/ (metrics.json,
 # predictions.csv, plots of `anatomy-node eval`).
@@ -289,6 +290,8 @@ if e["R_MINE_EXIT"]:
         mine["summary"] = lines[-10:]
     except OSError:
         pass
+    if load("mine.json") is not None:
+        mine["report"] = load("mine.json")
 report = {
     "format": "anatomy-node-retrain/1",
     "run_id": e["R_RUN_ID"],
@@ -373,6 +376,8 @@ else
     rc=0
     "$ANATOMY_NODE" "${args[@]}" >"$RUN_DIR/mine.log" 2>&1 9>&- || rc=$?
     R_MINE_EXIT=$rc
+    # mine's own report of the run (counts, timing), when it wrote one.
+    [[ -f "$DATASET/mine.json" ]] && { cp "$DATASET/mine.json" "$RUN_DIR/mine.json" || true; }
     case "$rc" in
         0) log "mine: complete" ;;
         75)

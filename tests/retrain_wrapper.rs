@@ -61,6 +61,7 @@ const NOT_BETTER: i32 = 10;
 const TOO_SMALL: i32 = 11;
 const REFUSED: i32 = 12;
 const MINE_INCOMPLETE: i32 = 13;
+const RELOAD_FAILED: i32 = 14;
 const UNCHANGED: i32 = 15;
 const LOCKED: i32 = 75;
 
@@ -133,6 +134,8 @@ struct Fixture {
     bad: PathBuf,
     /// The stats model without the `classes` metadata: fails the model contract.
     broken: PathBuf,
+    /// A stats model without the class `other`.
+    five_classes: PathBuf,
 }
 
 fn fixture() -> Option<&'static Fixture> {
@@ -154,11 +157,17 @@ fn fixture() -> Option<&'static Fixture> {
                 "broken",
                 &["--size", "192", "--drop-key", "classes"],
             )?;
+            let five_classes = common::models::make(
+                &models,
+                "five",
+                &["--size", "192", "--classes", "neck,lungs,liver,pelvis,legs"],
+            )?;
             let dataset = build_dataset(&data, dir.path(), 192);
             Some(Fixture {
                 good: root().join("models/anatomy.onnx"),
                 bad,
                 broken,
+                five_classes,
                 dataset,
                 _dir: dir,
             })
@@ -404,6 +413,19 @@ fn a_candidate_that_fails_the_model_contract_is_refused() {
     );
     assert_eq!(d["candidate_model"]["eval"], Value::Null);
     assert!(common::text(&out).contains("metadata `classes` is missing"));
+
+    // A valid model that drops a class the node serves today is no drop-in replacement.
+    let out = site.run(
+        &f.dataset,
+        &["--skip-mine", "--candidate", s(&f.five_classes)],
+        &[],
+    );
+    assert_exit(&out, REFUSED);
+    assert_eq!(read(&site.model()), before);
+    assert_eq!(
+        site.decision()["reason"],
+        "candidate refused: the candidate lacks classes of the current model: other"
+    );
 }
 
 #[test]
@@ -462,20 +484,36 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// With no model yet the candidate is installed; a reload command that fails is reported
+/// (exit 14), the new file staying in place.
 #[test]
 fn the_first_model_is_installed_when_there_is_none() {
     let Some(f) = fixture() else { return };
     let site = Site::new(None);
-    let out = site.run(&f.dataset, &["--skip-mine", "--candidate", s(&f.good)], &[]);
-    assert_exit(&out, PROMOTED);
+    let out = site.run(
+        &f.dataset,
+        &["--skip-mine", "--candidate", s(&f.good)],
+        &[("RELOAD_CMD", "echo cannot restart; exit 3")],
+    );
+    assert_exit(&out, RELOAD_FAILED);
     assert_eq!(read(&site.model()), read(&f.good));
     assert_eq!(site.model_files(), ["anatomy.onnx"]);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(site.model()).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o644, "readable by the node's user");
     let d = site.decision();
+    assert_eq!(d["outcome"], "promoted-reload-failed");
     assert_eq!(
         d["reason"],
-        "promoted: no current model: the candidate becomes the first one (slice error 0.00 %)"
+        "promoted (no current model: the candidate becomes the first one (slice error 0.00 %)), \
+         but the reload command failed with exit 3: the node serves the previous model until it \
+         restarts"
     );
+    assert_eq!(d["promotion"]["reload_exit_code"], 3);
     assert_eq!(d["current_model"]["eval"], Value::Null);
+    let log = std::fs::read_to_string(site.latest().join("reload.log")).unwrap();
+    assert_eq!(log, "cannot restart\n");
 }
 
 #[test]
