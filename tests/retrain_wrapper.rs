@@ -262,6 +262,18 @@ fn assert_exit(out: &Output, expected: i32) {
     );
 }
 
+/// "E.EE % (errors/images)", as the reasons write a slice error.
+fn figure(eval: &Value) -> String {
+    let (errors, images) = (
+        eval["slice_errors"].as_u64().unwrap(),
+        eval["slice_images"].as_u64().unwrap(),
+    );
+    format!(
+        "{:.2} % ({errors}/{images})",
+        100.0 * errors as f64 / images as f64
+    )
+}
+
 fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -291,11 +303,17 @@ fn a_candidate_that_evaluates_worse_is_not_promoted() {
     let d = site.decision();
     assert_eq!(d["outcome"], "not-better");
     assert_eq!(d["exit_code"], NOT_BETTER);
+    // The shipped model gets at most a few of these 38 slices wrong (0 today); the stats
+    // model 37, whatever the shipped model becomes.
+    let good = &d["current_model"]["eval"];
+    assert!(good["slice_errors"].as_u64().unwrap() <= 3, "{good}");
     assert_eq!(
         d["reason"],
-        "not promoted: the candidate is worse: slice error 97.37 % (37/38) vs 0.00 % (0/38)"
+        format!(
+            "not promoted: the candidate is worse: slice error 97.37 % (37/38) vs {}",
+            figure(good)
+        )
     );
-    assert_eq!(d["current_model"]["eval"]["slice_errors"], 0);
     assert_eq!(d["current_model"]["eval"]["slice_images"], 38);
     assert_eq!(
         d["current_model"]["eval"]["version"],
@@ -364,7 +382,10 @@ fn a_better_candidate_is_promoted_atomically_and_the_previous_model_kept() {
     assert_eq!(d["exit_code"], PROMOTED);
     assert_eq!(
         d["reason"],
-        "promoted: the candidate is better: slice error 0.00 % (0/38) vs 97.37 % (37/38)"
+        format!(
+            "promoted: the candidate is better: slice error {} vs 97.37 % (37/38)",
+            figure(&d["candidate_model"]["eval"])
+        )
     );
     assert_eq!(d["promotion"]["backup"], s(&backup));
     assert_eq!(d["promotion"]["reload_exit_code"], 0);
@@ -504,11 +525,15 @@ fn the_first_model_is_installed_when_there_is_none() {
     assert_eq!(mode & 0o777, 0o644, "readable by the node's user");
     let d = site.decision();
     assert_eq!(d["outcome"], "promoted-reload-failed");
+    let first = figure(&d["candidate_model"]["eval"]);
+    let first = first.split(" (").next().unwrap();
     assert_eq!(
         d["reason"],
-        "promoted (no current model: the candidate becomes the first one (slice error 0.00 %)), \
-         but the reload command failed with exit 3: the node serves the previous model until it \
-         restarts"
+        format!(
+            "promoted (no current model: the candidate becomes the first one (slice error \
+             {first})), but the reload command failed with exit 3: the node serves the previous \
+             model until it restarts"
+        )
     );
     assert_eq!(d["promotion"]["reload_exit_code"], 3);
     assert_eq!(d["current_model"]["eval"], Value::Null);
