@@ -302,7 +302,7 @@ fn write_folder() -> Folder {
 /// The instances of every file under `dir`, by series, the way the CLI reads them.
 fn instances_by_series(dir: &Path) -> HashMap<String, Vec<Instance>> {
     let mut series: HashMap<String, Vec<Instance>> = HashMap::new();
-    for file in files_under(dir) {
+    for file in common::files_under(dir) {
         let found = read_instance(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         series
             .entry(found.series_uid)
@@ -310,20 +310,6 @@ fn instances_by_series(dir: &Path) -> HashMap<String, Vec<Instance>> {
             .push(found.instance);
     }
     series
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("read_dir").flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(files_under(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out.sort();
-    out
 }
 
 fn all_rules() -> SelectionRules {

@@ -10,14 +10,14 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anatomy_node::index::{Index, KeyImageRow, LabelRecord, LabelStatus};
 use anatomy_node::synth::{self, SeriesSpec};
 use common::node::{Node, NodeOptions, AE};
+use common::orthanc::{Orthanc, OrthancOptions};
 use common::scu::{Scu, EXPLICIT, IMPLICIT};
 use dicom_core::value::DataSetSequence;
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
@@ -1377,99 +1377,21 @@ fn identifiers_in_implicit_and_explicit_vr() {
 // ---------------------------------------------------------------------------------------
 // Orthanc queries the node
 
-struct Orthanc {
-    child: Child,
-    http: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Orthanc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn start_orthanc(node: &Node) -> Orthanc {
-    let dir = tempfile::tempdir().expect("orthanc dir");
-    let (dicom, http) = (free_port(), free_port());
-    let config = dir.path().join("orthanc.json");
-    std::fs::write(
-        &config,
-        serde_json::json!({
-            "Name": "find-test",
-            "StorageDirectory": dir.path().join("storage"),
-            "IndexDirectory": dir.path().join("index"),
-            "DicomAet": "TESTSCU",
-            "DicomPort": dicom,
-            "HttpPort": http,
-            "RemoteAccessAllowed": false,
-            "AuthenticationEnabled": false,
-            "Plugins": [],
-            "DicomModalities": { "anatomy": [AE, "127.0.0.1", node.dicom_port] },
-        })
-        .to_string(),
-    )
-    .expect("orthanc config");
-    let child = Command::new("Orthanc")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start Orthanc (apt package orthanc)");
-    let orthanc = Orthanc {
-        child,
-        http,
-        _dir: dir,
-    };
-    let up = common::wait_until(30, || curl(&orthanc, "GET", "/system", None).is_some());
-    assert!(up, "Orthanc did not start");
-    orthanc
-}
-
-fn curl(o: &Orthanc, method: &str, path: &str, body: Option<&str>) -> Option<serde_json::Value> {
-    let url = format!("http://127.0.0.1:{}{path}", o.http);
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sf", "-X", method, &url]);
-    if let Some(b) = body {
-        cmd.args(["-H", "Content-Type: application/json", "--data-binary", b]);
-    }
-    let out = cmd.output().expect("curl");
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-/// POST /modalities/anatomy/query, then the answers, simplified (keyword → value).
-fn orthanc_query(o: &Orthanc, level: &str, query: serde_json::Value) -> Vec<serde_json::Value> {
-    let body = serde_json::json!({ "Level": level, "Query": query }).to_string();
-    let created = curl(o, "POST", "/modalities/anatomy/query", Some(&body))
-        .unwrap_or_else(|| panic!("Orthanc query {body} failed"));
-    let id = created["ID"].as_str().expect("query ID").to_string();
-    let answers = curl(
-        o,
-        "GET",
-        &format!("/queries/{id}/answers?expand&simplify"),
-        None,
-    )
-    .expect("answers");
-    answers.as_array().cloned().unwrap_or_default()
+    Orthanc::start(OrthancOptions {
+        ae_title: "TESTSCU".into(),
+        check_called_ae_title: false,
+        modalities: vec![("anatomy".into(), AE.into(), node.dicom_port)],
+        ..OrthancOptions::default()
+    })
 }
 
 #[test]
 fn orthanc_queries_the_node() {
     let f = fixture();
     let o = start_orthanc(&f.node);
-    let answers = orthanc_query(
-        &o,
+    let answers = o.query(
+        "anatomy",
         "Series",
         serde_json::json!({"BodyPartExamined": "CHEST", "SeriesDescription": ""}),
     );
@@ -1482,8 +1404,8 @@ fn orthanc_queries_the_node() {
         [series_uid("A1"), series_uid("D1")].into_iter().collect(),
         "{answers:?}"
     );
-    let studies = orthanc_query(
-        &o,
+    let studies = o.query(
+        "anatomy",
         "Study",
         serde_json::json!({"PatientID": "FIND-P1", "StudyDate": "20240101-20240131",
             "PatientName": ""}),
@@ -1491,7 +1413,11 @@ fn orthanc_queries_the_node() {
     assert_eq!(studies.len(), 1, "{studies:?}");
     assert_eq!(studies[0]["StudyInstanceUID"], study_uid("A").as_str());
     assert_eq!(studies[0]["PatientName"], "Müller^Jörg");
-    let patients = orthanc_query(&o, "Patient", serde_json::json!({"PatientName": "smith*"}));
+    let patients = o.query(
+        "anatomy",
+        "Patient",
+        serde_json::json!({"PatientName": "smith*"}),
+    );
     let ids: BTreeSet<String> = patients
         .iter()
         .map(|p| p["PatientID"].as_str().unwrap_or("").to_string())

@@ -8,24 +8,17 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::data;
 use common::db::IndexReader;
 use common::node::{Node, NodeOptions};
+use common::orthanc::{Orthanc, OrthancOptions};
+use common::{data, free_port};
 
 const CT_IMAGE_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// A one-class test model: every image is "lungs" with probability 1, so the routes a
 /// series takes do not depend on its pixels.
@@ -140,120 +133,6 @@ impl Drop for Scp {
     }
 }
 
-/// Orthanc (Debian package) on loopback, checking the called AE title.
-struct Orthanc {
-    port: u16,
-    http: u16,
-    _dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl Orthanc {
-    fn start(ae: &str) -> Orthanc {
-        let dir = tempfile::tempdir().expect("orthanc dir");
-        let (port, http) = (free_port(), free_port());
-        let config = dir.path().join("orthanc.json");
-        std::fs::write(
-            &config,
-            format!(
-                r#"{{"Name": "cad", "StorageDirectory": "{0}/storage", "IndexDirectory": "{0}/index",
-                    "DicomAet": "{ae}", "DicomPort": {port}, "HttpPort": {http}, "HttpServerEnabled": true,
-                    "RemoteAccessAllowed": false, "AuthenticationEnabled": false, "Plugins": [],
-                    "StorageCompression": false, "DicomCheckCalledAet": true}}"#,
-                dir.path().display()
-            ),
-        )
-        .expect("orthanc config");
-        let child = Command::new("Orthanc")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start Orthanc (apt package orthanc)");
-        let orthanc = Orthanc {
-            port,
-            http,
-            _dir: dir,
-            child,
-        };
-        assert!(
-            common::wait_until(30, || TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && orthanc.get("/system").is_some()),
-            "Orthanc did not start"
-        );
-        orthanc
-    }
-
-    fn get(&self, path: &str) -> Option<serde_json::Value> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.http)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).ok()?;
-        let (head, body) = resp.split_once("\r\n\r\n")?;
-        if !head.starts_with("HTTP/1.1 200") {
-            return None;
-        }
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_string()
-        };
-        serde_json::from_str(&body).ok()
-    }
-
-    /// SOP Instance UIDs stored, with their Orthanc ids.
-    fn instances(&self) -> Vec<(String, String)> {
-        let list = self.get("/instances?expand").unwrap_or_default();
-        let mut out: Vec<(String, String)> = list
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|i| {
-                        (
-                            i["MainDicomTags"]["SOPInstanceUID"]
-                                .as_str()
-                                .unwrap_or_default()
-                                .to_string(),
-                            i["ID"].as_str().unwrap_or_default().to_string(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.sort();
-        out
-    }
-}
-
-impl Drop for Orthanc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || after.len() < n {
-            break;
-        }
-        out.push_str(&after[..n]);
-        rest = after[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
 /// dcmdump with the node's private dictionary (deploy/anatomy-node-private.dic) besides
 /// DCMTK's, so the private block has names and VRs in Implicit VR copies too.
 fn dcmdump(path: &Path) -> String {
@@ -319,7 +198,7 @@ fn a_labelled_series_reaches_storescp_and_orthanc_as_tagged_copies() {
     let work = tempfile::tempdir().unwrap();
     let model = lung_model(work.path());
     let lung = Scp::start("LUNG_CAD", free_port(), &[]);
-    let orthanc = Orthanc::start("ORTHANC");
+    let orthanc = Orthanc::start(OrthancOptions::default());
     let never = free_port();
     let node = Node::start_with(options(
         &model,
@@ -328,7 +207,7 @@ fn a_labelled_series_reaches_storescp_and_orthanc_as_tagged_copies() {
              [[routes]]\nname = \"lung-cad\"\nclasses = [\"lungs\"]\nmin_probability = 0.5\ndestinations = [\"LUNG_CAD\", \"ORTHANC\"]\n\
              [[routes]]\nname = \"liver-cad\"\nclasses = [\"liver\"]\ndestinations = [\"LIVER_CAD\"]\n",
             destination("LUNG_CAD", "LUNG_CAD", lung.port),
-            destination("ORTHANC", "ORTHANC", orthanc.port),
+            destination("ORTHANC", "ORTHANC", orthanc.dicom_port),
             destination("LIVER_CAD", "LIVER_CAD", never),
         ),
     ));
@@ -627,7 +506,7 @@ fn refusals_become_dead_letters_with_the_reason_and_the_others_carry_on() {
         no_ct_port,
         &["-xf", mr_only.to_str().unwrap(), "Default"],
     );
-    let orthanc = Orthanc::start("ORTHANC");
+    let orthanc = Orthanc::start(OrthancOptions::default());
     // Accepts connections and never answers: a hung destination.
     let hole = TcpListener::bind("127.0.0.1:0").unwrap();
     let hole_port = hole.local_addr().unwrap().port();
@@ -638,7 +517,7 @@ fn refusals_become_dead_letters_with_the_reason_and_the_others_carry_on() {
              [[routes]]\nclasses = [\"lungs\"]\ndestinations = [\"GOOD_CAD\", \"NO_CT\", \"BAD_AE\", \"HUNG\"]\n",
             destination("GOOD_CAD", "GOOD_CAD", good.port),
             destination("NO_CT", "NO_CT", no_ct.port),
-            destination("BAD_AE", "NOT_ORTHANC", orthanc.port),
+            destination("BAD_AE", "NOT_ORTHANC", orthanc.dicom_port),
             destination("HUNG", "HUNG", hole_port),
         ),
     ));

@@ -213,6 +213,8 @@ pub struct Archive {
     limiter: RateLimiter,
     /// Microseconds spent in requests to the archive (summed over concurrent requests).
     waited_us: AtomicU64,
+    /// Microseconds requests were held back by `mine.max_requests_per_second`.
+    throttled_us: AtomicU64,
     requests: AtomicU64,
     /// Where this archive is, for logs and reports.
     pub describe: String,
@@ -290,6 +292,7 @@ impl Archive {
             slots: Semaphore::new(mine.max_concurrent_retrieves),
             limiter: RateLimiter::new(mine.max_requests_per_second),
             waited_us: AtomicU64::new(0),
+            throttled_us: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             describe,
         })
@@ -301,17 +304,22 @@ impl Archive {
         }
     }
 
-    /// Seconds spent waiting on the archive so far, and the number of requests.
-    pub fn waited(&self) -> (f64, u64) {
+    /// Seconds spent waiting on the archive so far, the number of requests, and the
+    /// seconds requests were held back by the rate limit.
+    pub fn waited(&self) -> (f64, u64, f64) {
         (
             self.waited_us.load(Ordering::Relaxed) as f64 / 1e6,
             self.requests.load(Ordering::Relaxed),
+            self.throttled_us.load(Ordering::Relaxed) as f64 / 1e6,
         )
     }
 
     async fn timed<T>(&self, f: impl std::future::Future<Output = T>) -> T {
         let _slot = self.slots.acquire().await;
+        let throttled = Instant::now();
         self.limiter.acquire().await;
+        self.throttled_us
+            .fetch_add(throttled.elapsed().as_micros() as u64, Ordering::Relaxed);
         let started = Instant::now();
         let out = f.await;
         self.waited_us

@@ -58,21 +58,23 @@ pub struct MineJson {
 /// Patient keys and splits from the site's secret.
 #[derive(Clone)]
 pub struct Keyer {
-    secret: Vec<u8>,
+    /// HMAC-SHA-256 keyed with the secret, cloned for every message.
+    keyed: HmacSha256,
     shares: [f64; 3],
 }
 
 impl Keyer {
-    pub fn new(secret: &str, ratios: SplitRatios) -> Keyer {
-        Keyer {
-            secret: secret.as_bytes().to_vec(),
+    pub fn new(secret: &str, ratios: SplitRatios) -> Result<Keyer, String> {
+        let keyed = HmacSha256::new_from_slice(secret.as_bytes())
+            .map_err(|e| format!("mine.patient_key_secret cannot key HMAC-SHA-256: {e}"))?;
+        Ok(Keyer {
+            keyed,
             shares: ratios.shares(),
-        }
+        })
     }
 
     fn mac(&self, text: &str) -> [u8; 32] {
-        // HMAC takes keys of any length.
-        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC key of any length");
+        let mut mac = self.keyed.clone();
         mac.update(text.as_bytes());
         mac.finalize().into_bytes().into()
     }
@@ -361,8 +363,8 @@ mod tests {
     #[test]
     fn patient_keys_are_keyed_and_splits_stable() {
         let ratios = SplitRatios::new(70.0, 15.0, 15.0).unwrap();
-        let a = Keyer::new("site secret number one", ratios);
-        let b = Keyer::new("site secret number two", ratios);
+        let a = Keyer::new("site secret number one", ratios).unwrap();
+        let b = Keyer::new("site secret number two", ratios).unwrap();
         let (key, split) = a.patient("PAT-1", "");
         assert_eq!(key.len(), 16);
         assert_eq!(a.patient("PAT-1", ""), (key.clone(), split));
@@ -383,12 +385,12 @@ mod tests {
     #[test]
     fn folders_of_others_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let keyer = Keyer::new("0123456789abcdef", SplitRatios::default());
+        let keyer = Keyer::new("0123456789abcdef", SplitRatios::default()).unwrap();
         let out = dir.path().join("ds");
         let first = Output::open(&out, &keyer, 64, "70,15,15").unwrap();
         let again = Output::open(&out, &keyer, 64, "70,15,15").unwrap();
         assert_eq!(first.json, again.json);
-        let other = Keyer::new("another secret!!", SplitRatios::default());
+        let other = Keyer::new("another secret!!", SplitRatios::default()).unwrap();
         assert!(Output::open(&out, &other, 64, "70,15,15").is_err());
         assert!(Output::open(&out, &keyer, 128, "70,15,15").is_err());
         assert!(Output::open(&out, &keyer, 64, "60,20,20").is_err());
@@ -399,7 +401,7 @@ mod tests {
     #[test]
     fn the_index_is_rewritten_and_strays_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let keyer = Keyer::new("0123456789abcdef", SplitRatios::default());
+        let keyer = Keyer::new("0123456789abcdef", SplitRatios::default()).unwrap();
         let out = Output::open(dir.path(), &keyer, 8, "70,15,15").unwrap();
         let name = Output::image_name("1.2.3", 0, false);
         write_image(dir.path(), &name, 8, &[0.0; 64]).unwrap();

@@ -63,6 +63,9 @@ pub struct Stats {
     pub already_mined: usize,
     /// Images a source pointed at that got no usable label, by reason (never guessed).
     pub unlabelled: BTreeMap<String, usize>,
+    /// Instances of the studies looked at this run that no source labelled (the Key
+    /// Object Selection and SR documents that were read are not counted).
+    pub instances_without_label: usize,
     /// Labelled images that did not become rows, by reason.
     pub images_skipped: BTreeMap<String, usize>,
     pub documents: BTreeMap<String, usize>,
@@ -78,6 +81,8 @@ pub struct Timing {
     /// Time in requests to the archive, summed over concurrent requests.
     pub archive_s: f64,
     pub archive_requests: u64,
+    /// Requests held back by `mine.max_requests_per_second` (not part of `archive_s`).
+    pub throttled_s: f64,
     /// Reading and decoding retrieved images, and preprocessing (summed over threads).
     pub decode_s: f64,
     /// Writing PNG files.
@@ -262,7 +267,8 @@ async fn mine(args: MineArgs, config: Config) -> Result<u8, Fatal> {
         Err(e) => return Err(Fatal(exit::FAILED, e.to_string())),
     };
 
-    let keyer = Keyer::new(&config.mine.patient_key_secret, ratios);
+    let keyer =
+        Keyer::new(&config.mine.patient_key_secret, ratios).map_err(|e| Fatal(exit::USAGE, e))?;
     let output = Output::open(
         &args.out,
         &keyer,
@@ -629,7 +635,12 @@ impl Miner {
         } else {
             Vec::new()
         };
-        let fingerprint = self.fingerprint(uid, study, &predictions);
+        let patient_id = study.text(tags::PATIENT_ID);
+        let patient = (!patient_id.is_empty()).then(|| {
+            self.keyer
+                .patient(&patient_id, &study.text(tags::ISSUER_OF_PATIENT_ID))
+        });
+        let fingerprint = self.fingerprint(uid, study, patient.as_ref(), &predictions);
         let before = self.state.study(uid).await.map_err(|e| e.to_string())?;
         if let Some(before) = &before {
             if before.fingerprint == fingerprint {
@@ -643,21 +654,29 @@ impl Miner {
                 }
             }
         }
-        let patient_id = study.text(tags::PATIENT_ID);
-        if patient_id.is_empty() {
+        let instances = study
+            .get(tags::NUMBER_OF_STUDY_RELATED_INSTANCES)
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0);
+        let Some(patient) = patient else {
             // Without a patient the split by patient is impossible: nothing is mined.
-            self.stats().studies_without_patient_id += 1;
+            {
+                let mut stats = self.stats();
+                stats.studies_without_patient_id += 1;
+                stats.instances_without_label += instances;
+            }
             return self.commit(uid, &fingerprint, None, Vec::new()).await;
-        }
-        let patient = self
-            .keyer
-            .patient(&patient_id, &study.text(tags::ISSUER_OF_PATIENT_ID));
+        };
 
         let mut failures: Vec<String> = Vec::new();
         let mut claims: Vec<Claim> = self.ris_by_study.get(uid).cloned().unwrap_or_default();
+        let mut documents = 0;
         if self.config.mine.kos || self.config.mine.sr {
             match self.document_claims(uid).await {
-                Ok(c) => claims.extend(c),
+                Ok((c, n)) => {
+                    claims.extend(c);
+                    documents = n;
+                }
                 Err(e) => failures.push(e),
             }
         }
@@ -677,11 +696,17 @@ impl Miner {
             .into_iter()
             .partition(|d| !mined.contains(&(d.sop_instance_uid.clone(), d.frame)));
         {
+            let labelled: BTreeSet<&str> = todo
+                .iter()
+                .chain(&done)
+                .map(|d| d.sop_instance_uid.as_str())
+                .collect();
             let mut stats = self.stats();
             for (reason, n) in unlabelled {
                 add(&mut stats.unlabelled, reason, n);
             }
             stats.already_mined += done.len();
+            stats.instances_without_label += instances.saturating_sub(documents + labelled.len());
         }
         let mut rows = Vec::new();
         if !todo.is_empty() {
@@ -737,13 +762,21 @@ impl Miner {
     }
 
     /// The study as this run sees it: a change in any part makes the next run look again.
-    fn fingerprint(&self, uid: &str, study: &Answer, predictions: &[labels::Prediction]) -> String {
+    fn fingerprint(
+        &self,
+        uid: &str,
+        study: &Answer,
+        patient: Option<&(String, &'static str)>,
+        predictions: &[labels::Prediction],
+    ) -> String {
+        // The patient enters as its keyed key: the index never holds an unkeyed hash of
+        // a Patient ID, which a dictionary of IDs would reverse.
         let mut parts = vec![
             self.rules_hash.clone(),
             study.text(tags::NUMBER_OF_STUDY_RELATED_INSTANCES),
             study.text(tags::NUMBER_OF_STUDY_RELATED_SERIES),
             study.text(tags::ACCESSION_NUMBER),
-            sha(&study.text(tags::PATIENT_ID)),
+            patient.map(|p| p.0.clone()).unwrap_or_default(),
         ];
         let mut ris: Vec<String> = self
             .ris_by_study
@@ -783,7 +816,8 @@ impl Miner {
 
     /// Key Object Selection documents (and SR) of the study: what they reference, with the
     /// label their content maps to.
-    async fn document_claims(&self, uid: &str) -> Result<Vec<Claim>, String> {
+    /// The claims, and the number of documents found.
+    async fn document_claims(&self, uid: &str) -> Result<(Vec<Claim>, usize), String> {
         let m = &self.config.mine;
         let modalities = match (m.kos, m.sr) {
             (true, true) => "KO\\SR",
@@ -801,6 +835,7 @@ impl Miner {
             .await
             .map_err(|e| format!("querying document series: {e}"))?;
         let mut claims = Vec::new();
+        let mut documents = 0;
         for s in series {
             let Some(series_uid) = s.get(tags::SERIES_INSTANCE_UID).map(str::to_string) else {
                 continue;
@@ -827,6 +862,7 @@ impl Miner {
             if wanted.is_empty() {
                 continue;
             }
+            documents += wanted.len();
             let (files, error) = self.archive.retrieve(uid, &series_uid, &wanted).await;
             for (_, path) in files {
                 let read = Document::read(&path);
@@ -894,7 +930,7 @@ impl Miner {
                 return Err(format!("retrieving documents of series {series_uid}: {e}"));
             }
         }
-        Ok(claims)
+        Ok((claims, documents))
     }
 
     /// RIS rows for a whole series, or a whole study by accession number: the series'
@@ -1268,13 +1304,14 @@ impl Miner {
         if let Err(e) = &outcome {
             self.error(format!("run stopped: {e}"));
         }
-        let (archive_s, requests) = self.archive.waited();
+        let (archive_s, requests, throttled_s) = self.archive.waited();
         {
             let mut stats = self.stats();
             stats.timing = Timing {
                 wall_s: started.elapsed().as_secs_f64(),
                 archive_s,
                 archive_requests: requests,
+                throttled_s,
                 decode_s: self.decode_us.load(Ordering::Relaxed) as f64 / 1e6,
                 write_s: self.write_us.load(Ordering::Relaxed) as f64 / 1e6,
                 commit_s: self.commit_us.load(Ordering::Relaxed) as f64 / 1e6,
@@ -1379,7 +1416,11 @@ fn print_summary(stats: &Stats, code: u8, out: &Path, report: Option<&Path>) {
         list(&stats.added_by_label),
         list(&stats.added_by_split)
     );
-    println!("unlabelled (not guessed): {}", list(&stats.unlabelled));
+    println!(
+        "unlabelled (not guessed): {} instances without a label; pointed at without a usable label: {}",
+        stats.instances_without_label,
+        list(&stats.unlabelled)
+    );
     println!("skipped images: {}", list(&stats.images_skipped));
     if !stats.ris.is_empty() {
         println!("RIS CSV: {}", list(&stats.ris));
@@ -1394,7 +1435,7 @@ fn print_summary(stats: &Stats, code: u8, out: &Path, report: Option<&Path>) {
         );
     }
     println!(
-        "time: {:.1} s; archive {:.1} s ({} requests, {:.0} %), decoding {:.1} s ({:.0} %), writing {:.1} s ({:.0} %)",
+        "time: {:.1} s; archive {:.1} s ({} requests, {:.0} %), decoding {:.1} s ({:.0} %), writing {:.1} s ({:.0} %); held back by mine.max_requests_per_second {:.1} s",
         t.wall_s,
         t.archive_s,
         t.archive_requests,
@@ -1402,7 +1443,8 @@ fn print_summary(stats: &Stats, code: u8, out: &Path, report: Option<&Path>) {
         t.decode_s,
         100.0 * t.decode_s / busy,
         t.write_s,
-        100.0 * t.write_s / busy
+        100.0 * t.write_s / busy,
+        t.throttled_s
     );
     for e in stats.errors.iter().take(10) {
         println!("error: {e}");

@@ -3,13 +3,14 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::db::{IndexReader, TestDb};
+use super::free_port;
 
 /// Settings a test may change; everything else is the shipped default.
 #[derive(Clone)]
@@ -61,13 +62,6 @@ pub struct Node {
 }
 
 pub const AE: &str = "ANATOMY";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 impl Node {
     /// Start a node with default options.

@@ -1,0 +1,999 @@
+//! `anatomy-node mine` against a real archive: Orthanc (with its DICOMweb plugin) on
+//! loopback holds CT series (../shared/data/ct, synthetic where it is absent) and Key Object
+//! Selection documents the test writes (tests/tools/make_kos.py); a RIS CSV labels other
+//! images. Checked: the exact rows and labels with C-MOVE, C-GET and DICOMweb (the same
+//! rows, keys, splits and image bytes by all three), the unlabelled counts, the patient
+//! keys and splits against an independent HMAC, no patient names, IDs or birth dates in the
+//! dataset; cron behaviour: a second run mines nothing, a new study is mined alone, a run
+//! killed with SIGKILL is completed by the next without duplicates, two runs at once (exit
+//! 75, or waiting); pseudo labels from the node's own predictions, marked and never mixed
+//! with human labels. Every test runs on SQLite and, via tests/run-all.sh, on PostgreSQL.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+
+use common::db::{IndexReader, TestDb};
+use common::node::{Node, NodeOptions};
+use common::orthanc::{Orthanc, OrthancOptions};
+use common::{data, files_under, free_port};
+use dicom_dictionary_std::tags;
+use serde_json::Value;
+
+const SECRET: &str = "the mine tests' patient key secret";
+const ARCHIVE_AE: &str = "ARCHIVE";
+const MINER_AE: &str = "MINER";
+/// Both the real data (Study Date 20000101) and the synthetic series (20260101).
+const SINCE: &str = "19991231";
+const UNTIL: &str = "20260102";
+const IMAGE_SIZE: usize = 64;
+const LUNG: &str = "39607008^SCT^Lung structure";
+
+/// A series as stored in the archive: its files (sorted), their SOP Instance UIDs in the
+/// same order, its study and patient.
+#[derive(Clone, Debug)]
+struct Series {
+    files: Vec<PathBuf>,
+    sops: Vec<String>,
+    study_uid: String,
+    patient_id: String,
+}
+
+impl Series {
+    fn from_files(mut files: Vec<PathBuf>) -> Series {
+        files.sort();
+        assert!(!files.is_empty());
+        let read = |path: &Path, tag| -> String {
+            let obj = dicom_object::OpenFileOptions::new()
+                .read_until(tags::PIXEL_DATA)
+                .open_file(path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            obj.element(tag)
+                .map(|e| {
+                    e.to_str()
+                        .unwrap_or_default()
+                        .trim_end_matches(['\0', ' '])
+                        .to_string()
+                })
+                .unwrap_or_default()
+        };
+        Series {
+            sops: files
+                .iter()
+                .map(|f| read(f, tags::SOP_INSTANCE_UID))
+                .collect(),
+            study_uid: read(&files[0], tags::STUDY_INSTANCE_UID),
+            patient_id: read(&files[0], tags::PATIENT_ID),
+            files,
+        }
+    }
+
+    fn instance(&self, i: usize) -> &Path {
+        &self.files[i]
+    }
+}
+
+/// The `n`-th test series: a real CT series from ../shared/data/ct (one subject each)
+/// when it is there, else a synthetic one.
+fn series(work: &Path, n: usize) -> Series {
+    const REAL: [&str; 4] = ["sts-019", "sts-025", "sts-008", "sts-042"];
+    if let Some(dir) = data::ct_data() {
+        let case = dir.join(REAL[n]);
+        let mut files = Vec::new();
+        for sub in std::fs::read_dir(&case).expect("case folder").flatten() {
+            for f in std::fs::read_dir(sub.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if f.path().extension().is_some_and(|e| e == "dcm") {
+                    files.push(f.path());
+                }
+            }
+        }
+        return Series::from_files(files);
+    }
+    synthetic(work, 40 + n as u32)
+}
+
+/// A synthetic series (12 slices): its patient has a name and a birth date, which the
+/// privacy checks look for in the dataset.
+fn synthetic(work: &Path, number: u32) -> Series {
+    let (_, files) = data::synthetic_series(&work.join(format!("synth{number}")), number, 12, 64);
+    Series::from_files(files)
+}
+
+/// A Python that can `import pydicom` (tests/run-all.sh makes .venv-tests).
+fn python() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    [
+        std::env::var_os("ANATOMY_TEST_PYTHON").map(PathBuf::from),
+        Some(root.join(".venv-tests/bin/python")),
+        Some(PathBuf::from("python3")),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| {
+        Command::new(p)
+            .args(["-c", "import pydicom"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+    .expect(
+        "no Python with pydicom to write Key Object Selection documents: run \
+         `python3 -m venv .venv-tests && .venv-tests/bin/pip install -r tests/tools/requirements.txt` \
+         (tests/run-all.sh does it), or set ANATOMY_TEST_PYTHON",
+    )
+}
+
+/// What a Key Object Selection document says.
+#[derive(Default)]
+struct Note<'a> {
+    text: Option<&'a str>,
+    code: Option<&'a str>,
+    manufacturer: Option<&'a str>,
+}
+
+/// Write a Key Object Selection document flagging `images` (tests/tools/make_kos.py).
+fn kos(work: &Path, images: &[&Path], note: Note) -> PathBuf {
+    static COUNT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = work.join(format!("kos{n}.dcm"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = Command::new(python());
+    cmd.arg(root.join("tests/tools/make_kos.py")).arg(&out);
+    if let Some(t) = note.text {
+        cmd.args(["--text", t]);
+    }
+    if let Some(c) = note.code {
+        cmd.args(["--code", c]);
+    }
+    if let Some(m) = note.manufacturer {
+        cmd.args(["--manufacturer", m]);
+    }
+    cmd.args(images);
+    let output = cmd.output().expect("run make_kos.py");
+    assert!(
+        output.status.success(),
+        "make_kos.py: {}",
+        common::text(&output)
+    );
+    out
+}
+
+/// The archive, the index database and a folder for configurations and datasets.
+struct Setup {
+    orthanc: Orthanc,
+    db: Arc<TestDb>,
+    work: tempfile::TempDir,
+    move_port: u16,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let move_port = free_port();
+        let orthanc = Orthanc::start(OrthancOptions {
+            ae_title: ARCHIVE_AE.into(),
+            check_called_ae_title: true,
+            dicomweb: true,
+            // The miner's AE: allowed to query and retrieve, and the C-MOVE destination.
+            modalities: vec![("miner".into(), MINER_AE.into(), move_port)],
+            allow_any_query: false,
+        });
+        Setup {
+            orthanc,
+            db: Arc::new(TestDb::create()),
+            work: tempfile::tempdir().expect("work dir"),
+            move_port,
+        }
+    }
+
+    fn work(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// A configuration for `mine` (`retrieve`: move, get or dicomweb) whose index is the
+    /// test database (SQLite in `<work>/node` by default); `extra` is appended to [mine].
+    fn config(&self, retrieve: &str, extra: &str) -> PathBuf {
+        self.config_on(retrieve, extra, &self.work().join("node"), &self.db.url)
+    }
+
+    fn config_on(&self, retrieve: &str, extra: &str, storage: &Path, db_url: &str) -> PathBuf {
+        let path = self.work().join(format!("mine-{retrieve}.toml"));
+        let text = format!(
+            r#"
+[storage]
+path = "{storage}"
+
+[database]
+url = "{db_url}"
+
+[archive]
+ae_title = "{ARCHIVE_AE}"
+host = "127.0.0.1"
+port = {dicom}
+calling_ae_title = "{MINER_AE}"
+retrieve = "{retrieve}"
+dicomweb_url = "{web}"
+move_bind = "127.0.0.1"
+move_port = {move_port}
+query_page_days = 10000
+dimse_timeout_secs = 30
+
+[mine]
+patient_key_secret = "{SECRET}"
+image_size = {IMAGE_SIZE}
+max_requests_per_second = 0
+kos_labels = [
+    {{ code = "39607008", scheme = "SCT", label = "lungs" }},
+    {{ text = "*pelvi*", label = "pelvis" }},
+]
+{extra}
+"#,
+            storage = storage.display(),
+            dicom = self.orthanc.dicom_port,
+            web = self.orthanc.dicomweb_url(),
+            move_port = self.move_port,
+        );
+        std::fs::write(&path, text).expect("write the mine configuration");
+        path
+    }
+
+    /// The index as the test reads it.
+    fn index(&self) -> IndexReader {
+        IndexReader::open(&self.index_url())
+    }
+
+    fn index_url(&self) -> String {
+        if self.db.url.is_empty() {
+            format!(
+                "sqlite://{}?mode=ro",
+                self.work().join("node/index.sqlite3").display()
+            )
+        } else {
+            self.db.url.clone()
+        }
+    }
+
+    fn ris_csv(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.work().join(name);
+        std::fs::write(&path, text).expect("write the RIS CSV");
+        path
+    }
+}
+
+fn command(config: &Path, out: &Path, env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_anatomy-node"));
+    cmd.args(["mine", "--config"])
+        .arg(config)
+        .arg("--out")
+        .arg(out)
+        .args(["--since", SINCE, "--until", UNTIL])
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied());
+    cmd
+}
+
+/// Run `anatomy-node mine` to the end.
+fn mine(config: &Path, out: &Path, env: &[(&str, &str)]) -> Output {
+    command(config, out, env)
+        .output()
+        .expect("run anatomy-node mine")
+}
+
+fn spawn(config: &Path, out: &Path, env: &[(&str, &str)]) -> Child {
+    command(config, out, env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start anatomy-node mine")
+}
+
+#[track_caller]
+fn assert_exit(output: &Output, code: i32) {
+    assert_eq!(
+        output.status.code(),
+        Some(code),
+        "anatomy-node mine: {}",
+        common::text(output)
+    );
+}
+
+type Row = BTreeMap<String, String>;
+/// Image file bytes by manifest name.
+type Images = BTreeMap<String, Vec<u8>>;
+
+/// manifest.csv as header → value maps (and the header).
+fn manifest(out: &Path) -> (Vec<String>, Vec<Row>) {
+    let mut reader = csv::Reader::from_path(out.join("manifest.csv")).expect("manifest.csv");
+    let header: Vec<String> = reader
+        .headers()
+        .expect("header")
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let rows = reader
+        .records()
+        .map(|r| {
+            let r = r.expect("manifest row");
+            header
+                .iter()
+                .cloned()
+                .zip(r.iter().map(str::to_string))
+                .collect()
+        })
+        .collect();
+    (header, rows)
+}
+
+/// (SOP Instance UID, label, label source) of every row.
+fn labels(rows: &[Row]) -> BTreeSet<(String, String, String)> {
+    rows.iter()
+        .map(|r| {
+            (
+                r["sop_instance_uid"].clone(),
+                r["label"].clone(),
+                r["label_source"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn expect(sop: &str, label: &str, source: &str) -> (String, String, String) {
+    (sop.to_string(), label.to_string(), source.to_string())
+}
+
+/// The stats of the latest run's report (reports/mine-NNNNNN.json).
+fn stats(out: &Path) -> Value {
+    let mut reports: Vec<PathBuf> = std::fs::read_dir(out.join("reports"))
+        .expect("reports")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    reports.sort();
+    let last = reports.last().expect("a report");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(last).expect("report")).expect("JSON");
+    report["report"]["stats"].clone()
+}
+
+/// The dataset id of an --out folder (mine.json), which keys its rows in the index.
+fn dataset_id(out: &Path) -> String {
+    let text = std::fs::read_to_string(out.join("mine.json")).expect("mine.json");
+    let json: Value = serde_json::from_str(&text).expect("mine.json is JSON");
+    json["dataset_id"].as_str().expect("dataset_id").to_string()
+}
+
+/// (patient_key, split) by an implementation independent of the node's: Python's hmac.
+fn expected_patient(patient_id: &str) -> (String, String) {
+    let script = r#"
+import hashlib, hmac, sys
+secret, patient = sys.argv[1], sys.argv[2]
+mac = hmac.new(secret.encode(), ("anatomy-node patient\0" + "" + "\0" + patient).encode(), hashlib.sha256).digest()
+u = int.from_bytes(mac[8:16], "big") / 2**64
+print(mac[:8].hex(), "train" if u < 0.70 else "val" if u < 0.85 else "test")
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, SECRET, patient_id])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", common::text(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (key, split) = text.trim().split_once(' ').expect("key and split");
+    (key.to_string(), split.to_string())
+}
+
+/// Width, height and bit depth of a PNG file.
+fn png_header(path: &Path) -> (u32, u32, u8) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(
+        &bytes[..8],
+        b"\x89PNG\r\n\x1a\n",
+        "{} is not a PNG",
+        path.display()
+    );
+    let be = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    (be(16), be(20), bytes[24])
+}
+
+#[test]
+fn the_same_rows_and_labels_by_c_move_c_get_and_dicomweb() {
+    let s = Setup::new();
+    let work = s.work();
+    let a = series(work, 0);
+    let b = series(work, 1);
+    let c = synthetic(work, 7);
+    let d = series(work, 2);
+    for x in [&a, &b, &c, &d] {
+        s.orthanc.upload_all(&x.files);
+    }
+    // Key Object Selection documents: a coded finding, a text, an unmapped text, one the
+    // node itself wrote (machine output: never a human label), and one that contradicts
+    // the RIS.
+    let documents = [
+        kos(
+            work,
+            &[a.instance(0), a.instance(5)],
+            Note {
+                code: Some(LUNG),
+                ..Note::default()
+            },
+        ),
+        kos(
+            work,
+            &[a.instance(2)],
+            Note {
+                text: Some("Pelvic floor"),
+                ..Note::default()
+            },
+        ),
+        kos(
+            work,
+            &[a.instance(7)],
+            Note {
+                text: Some("Follow-up in 6 months"),
+                ..Note::default()
+            },
+        ),
+        kos(
+            work,
+            &[a.instance(9)],
+            Note {
+                code: Some(LUNG),
+                manufacturer: Some("anatomy-node"),
+                ..Note::default()
+            },
+        ),
+        kos(
+            work,
+            &[c.instance(0)],
+            Note {
+                code: Some(LUNG),
+                ..Note::default()
+            },
+        ),
+    ];
+    s.orthanc.upload_all(&documents);
+    let ris = s.ris_csv(
+        "ris.csv",
+        &format!(
+            "sop_instance_uid,label\n{},liver\n{},Liver\n{},thorax\n{},liver\n{},neck\n1.2.3.4.5.6.7.8.9,lungs\n",
+            b.sops[1], b.sops[4], b.sops[6], c.sops[0], c.sops[1]
+        ),
+    );
+    let expected: BTreeSet<_> = [
+        expect(&a.sops[0], "lungs", "mined:kos"),
+        expect(&a.sops[5], "lungs", "mined:kos"),
+        expect(&a.sops[2], "pelvis", "mined:kos"),
+        expect(&b.sops[1], "liver", "mined:ris"),
+        expect(&b.sops[4], "liver", "mined:ris"),
+        expect(&c.sops[1], "neck", "mined:ris"),
+    ]
+    .into();
+    let instances = a.files.len() + b.files.len() + c.files.len() + d.files.len();
+    let patient_of: BTreeMap<&str, &str> = [&a, &b, &c, &d]
+        .iter()
+        .flat_map(|x| x.sops.iter().map(|u| (u.as_str(), x.patient_id.as_str())))
+        .collect();
+
+    let mut first: Option<(Vec<Row>, Images)> = None;
+    for retrieve in ["move", "get", "dicomweb"] {
+        let config = s.config(retrieve, &format!("ris_csv = \"{}\"", ris.display()));
+        let out = work.join(format!("dataset-{retrieve}"));
+        let output = mine(&config, &out, &[]);
+        assert_exit(&output, 0);
+        let (header, mut rows) = manifest(&out);
+        // Rows are in the order studies were committed (two at once here): compare sorted.
+        rows.sort_by(|x, y| x["sop_instance_uid"].cmp(&y["sop_instance_uid"]));
+        for column in [
+            "sop_instance_uid",
+            "label",
+            "label_source",
+            "split",
+            "image",
+            "patient_key",
+            "study_uid",
+            "series_uid",
+            "z_mm",
+        ] {
+            assert!(
+                header.iter().any(|h| h == column),
+                "{retrieve}: no {column} in {header:?}"
+            );
+        }
+        assert_eq!(
+            rows.len(),
+            expected.len(),
+            "{retrieve}: one row per key-image: {rows:?}"
+        );
+        assert_eq!(labels(&rows), expected, "{retrieve}");
+
+        let mut images = BTreeMap::new();
+        for row in &rows {
+            let path = out.join(&row["image"]);
+            assert_eq!(
+                png_header(&path),
+                (IMAGE_SIZE as u32, IMAGE_SIZE as u32, 16),
+                "{retrieve}: {}",
+                path.display()
+            );
+            images.insert(row["image"].clone(), std::fs::read(&path).expect("image"));
+            assert!(row["z_mm"].parse::<f64>().is_ok(), "{retrieve}: z {row:?}");
+            let patient = patient_of[row["sop_instance_uid"].as_str()];
+            let (key, split) = expected_patient(patient);
+            assert_eq!(
+                row["patient_key"], key,
+                "{retrieve}: the keyed patient key of {patient}"
+            );
+            assert_eq!(
+                row["split"], split,
+                "{retrieve}: the keyed split of {patient}"
+            );
+        }
+        let files = files_under(&out.join("images"));
+        assert_eq!(
+            files.len(),
+            rows.len(),
+            "{retrieve}: an image per row and nothing else"
+        );
+
+        let st = stats(&out);
+        assert_eq!(st["studies_found"], 4, "{retrieve}: {st}");
+        assert_eq!(st["studies_mined"], 4, "{retrieve}: {st}");
+        assert_eq!(st["rows_added"], 6, "{retrieve}: {st}");
+        assert_eq!(
+            st["unlabelled"],
+            serde_json::json!({
+                "conflicting image labels": 1,
+                "document without a mapped label (mine.kos_labels)": 1,
+                "RIS label \"thorax\" is not a dataset label": 1,
+            }),
+            "{retrieve}"
+        );
+        assert_eq!(
+            st["instances_without_label"],
+            instances - expected.len(),
+            "{retrieve}: every CT image of the four studies but the six labelled: {st}"
+        );
+        assert_eq!(
+            st["documents"],
+            serde_json::json!({"key object selection": 4, "written by anatomy-node (ignored)": 1}),
+            "{retrieve}"
+        );
+        assert_eq!(
+            st["ris"],
+            serde_json::json!({"rows": 6, "rows not in the archive": 1}),
+            "{retrieve}"
+        );
+        let t = &st["timing"];
+        assert!(t["archive_s"].as_f64().unwrap() > 0.0, "{retrieve}: {t}");
+        assert!(
+            t["archive_requests"].as_u64().unwrap() >= 5,
+            "{retrieve}: {t}"
+        );
+        assert!(t["decode_s"].as_f64().unwrap() > 0.0, "{retrieve}: {t}");
+        assert!(t["write_s"].as_f64().unwrap() > 0.0, "{retrieve}: {t}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stdout.contains(&format!(
+                "{} instances without a label",
+                instances - expected.len()
+            )),
+            "{stdout}"
+        );
+
+        // Nothing that names the patient: no Patient ID, name or birth date in any file.
+        let patients = s.orthanc.get("/patients?expand").expect("patients");
+        let mut secrets = BTreeSet::new();
+        for p in patients.as_array().expect("a list") {
+            for tag in ["PatientID", "PatientName", "PatientBirthDate"] {
+                let value = p["MainDicomTags"][tag].as_str().unwrap_or_default();
+                for part in value.split('^').filter(|v| v.len() >= 4) {
+                    secrets.insert(part.to_string());
+                }
+            }
+        }
+        assert!(
+            secrets.contains("19700101") && secrets.contains(&c.patient_id),
+            "{secrets:?}"
+        );
+        for file in files_under(&out) {
+            let bytes = std::fs::read(&file).expect("dataset file");
+            for secret in &secrets {
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{retrieve}: {} holds {secret:?}",
+                    file.display()
+                );
+            }
+        }
+
+        // The three ways give the same dataset: rows (keys, splits, names) and pixels.
+        match &first {
+            None => first = Some((rows, images)),
+            Some((rows0, images0)) => {
+                assert_eq!(&rows, rows0, "{retrieve} vs move");
+                assert_eq!(&images, images0, "{retrieve} vs move: image bytes");
+            }
+        }
+    }
+    // Each dataset's rows are in the index, apart.
+    let index = s.index();
+    assert_eq!(index.count("SELECT COUNT(*) FROM mine_images"), 18);
+    assert_eq!(
+        index.count("SELECT COUNT(DISTINCT dataset_id) FROM mine_images"),
+        3
+    );
+}
+
+#[test]
+fn a_second_run_mines_nothing_a_new_study_alone_and_a_killed_run_resumes_without_duplicates() {
+    let s = Setup::new();
+    let work = s.work();
+    let (a, b, c) = (series(work, 0), series(work, 1), series(work, 3));
+    s.orthanc.upload_all(&a.files);
+    s.orthanc.upload_all(&b.files);
+    s.orthanc.upload_all(&[kos(
+        work,
+        &[b.instance(1), b.instance(3)],
+        Note {
+            code: Some(LUNG),
+            ..Note::default()
+        },
+    )]);
+    // The RIS labels a whole series: its key-images are chosen as the node chooses them.
+    let a_series_uid = {
+        let obj = dicom_object::OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(a.instance(0))
+            .expect("a file");
+        obj.element(tags::SERIES_INSTANCE_UID)
+            .expect("series UID")
+            .to_str()
+            .expect("text")
+            .trim_end_matches(['\0', ' '])
+            .to_string()
+    };
+    let ris = s.ris_csv(
+        "ris.csv",
+        &format!(
+            "study_uid,series_uid,label\n{},{a_series_uid},legs\n",
+            a.study_uid
+        ),
+    );
+    let config = s.config(
+        "get",
+        &format!("ris_csv = \"{}\"\nseries_key_images = 4", ris.display()),
+    );
+    let out = work.join("dataset");
+
+    let first = mine(&config, &out, &[]);
+    assert_exit(&first, 0);
+    let (_, rows1) = manifest(&out);
+    assert_eq!(rows1.len(), 6, "{rows1:?}");
+    let from_a: Vec<&Row> = rows1
+        .iter()
+        .filter(|r| a.sops.contains(&r["sop_instance_uid"]))
+        .collect();
+    assert_eq!(from_a.len(), 4, "series_key_images of the RIS series");
+    assert!(from_a
+        .iter()
+        .all(|r| r["label"] == "legs" && r["label_source"] == "mined:ris-series"));
+    let manifest1 = std::fs::read(out.join("manifest.csv")).expect("manifest");
+
+    // Nothing changed: nothing is retrieved, the dataset stays byte for byte.
+    let second = mine(&config, &out, &[]);
+    assert_exit(&second, 0);
+    let st = stats(&out);
+    assert_eq!(
+        (
+            st["studies_unchanged"].as_u64(),
+            st["studies_mined"].as_u64()
+        ),
+        (Some(2), Some(0)),
+        "{st}"
+    );
+    assert_eq!(st["rows_added"], 0, "{st}");
+    assert_eq!(
+        st["timing"]["archive_requests"], 1,
+        "one C-FIND of the studies: {st}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("manifest.csv")).expect("manifest"),
+        manifest1
+    );
+
+    // A new study: only it is mined; the rows before stay as they were, in order.
+    s.orthanc.upload_all(&c.files);
+    s.orthanc.upload_all(&[kos(
+        work,
+        &[c.instance(2)],
+        Note {
+            text: Some("pelvis"),
+            ..Note::default()
+        },
+    )]);
+    let third = mine(&config, &out, &[]);
+    assert_exit(&third, 0);
+    let st = stats(&out);
+    assert_eq!(
+        (
+            st["studies_unchanged"].as_u64(),
+            st["studies_mined"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{st}"
+    );
+    let (_, rows3) = manifest(&out);
+    assert_eq!(rows3.len(), 7);
+    assert_eq!(rows3[..6], rows1[..]);
+    assert_eq!(
+        labels(&rows3[6..]),
+        [expect(&c.sops[2], "pelvis", "mined:kos")].into()
+    );
+
+    // kill -9 half way (requests paced so the run takes seconds), then a plain run.
+    let out2 = work.join("dataset-killed");
+    let mut child = spawn(
+        &config,
+        &out2,
+        &[("ANATOMY_MINE__MAX_REQUESTS_PER_SECOND", "4")],
+    );
+    let index = s.index();
+    let committed = || -> i64 {
+        if !out2.join("mine.json").is_file() {
+            return 0;
+        }
+        let id = dataset_id(&out2);
+        index.count(&format!(
+            "SELECT COUNT(*) FROM mine_images WHERE dataset_id = '{id}'"
+        ))
+    };
+    assert!(
+        common::wait_until(60, || committed() > 0),
+        "no study committed"
+    );
+    child.kill().expect("kill -9");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.signal(), Some(9), "the run ended before the kill");
+    let before = committed();
+    assert!(
+        (1..7).contains(&before),
+        "killed half way: {before} rows committed"
+    );
+    let id = dataset_id(&out2);
+    assert_eq!(
+        index.count(&format!(
+            "SELECT COUNT(*) FROM mine_runs WHERE dataset_id = '{id}' AND finished_at IS NULL"
+        )),
+        1,
+        "the killed run never finished"
+    );
+
+    let resumed = mine(&config, &out2, &[]);
+    assert_exit(&resumed, 0);
+    let st = stats(&out2);
+    assert!(st["studies_unchanged"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(st["rows_added"].as_i64().unwrap(), 7 - before, "{st}");
+    let (_, rows) = manifest(&out2);
+    assert_eq!(
+        labels(&rows),
+        labels(&rows3),
+        "the same labels as the run never killed"
+    );
+    let sops: BTreeSet<&String> = rows.iter().map(|r| &r["sop_instance_uid"]).collect();
+    assert_eq!(sops.len(), rows.len(), "no duplicate rows");
+    assert_eq!(
+        index.count(&format!(
+            "SELECT COUNT(*) FROM mine_images WHERE dataset_id = '{id}'"
+        )),
+        7
+    );
+    let images = files_under(&out2.join("images"));
+    assert_eq!(images.len(), 7, "no stray or partial images: {images:?}");
+    assert!(!out2.join(".spool").exists(), "the spool is cleaned up");
+}
+
+#[test]
+fn two_runs_at_once_one_exits_75_and_one_waits() {
+    let s = Setup::new();
+    let work = s.work();
+    let (a, b) = (series(work, 0), series(work, 1));
+    s.orthanc.upload_all(&a.files);
+    s.orthanc.upload_all(&b.files);
+    s.orthanc.upload_all(&[
+        kos(
+            work,
+            &[a.instance(1)],
+            Note {
+                code: Some(LUNG),
+                ..Note::default()
+            },
+        ),
+        kos(
+            work,
+            &[b.instance(2)],
+            Note {
+                text: Some("pelvis"),
+                ..Note::default()
+            },
+        ),
+    ]);
+    let config = s.config("move", "");
+    let out = work.join("dataset");
+    // The first run is paced (2 requests per second) so it holds the lock for seconds.
+    let mut slow = spawn(
+        &config,
+        &out,
+        &[("ANATOMY_MINE__MAX_REQUESTS_PER_SECOND", "2")],
+    );
+    // mine.json is written once the run holds the lock (and the index is migrated).
+    assert!(
+        common::wait_until(30, || out.join("mine.json").is_file()),
+        "the first run did not start"
+    );
+    let index = s.index();
+    assert!(common::wait_until(10, || index
+        .count("SELECT COUNT(*) FROM mine_runs")
+        == 1));
+
+    let refused = mine(&config, &out, &[]);
+    assert_exit(&refused, 75);
+    assert!(
+        common::text(&refused).contains("another `anatomy-node mine` is running"),
+        "{}",
+        common::text(&refused)
+    );
+    assert_eq!(
+        index.count("SELECT COUNT(*) FROM mine_runs"),
+        1,
+        "the refused run recorded nothing"
+    );
+
+    let waiting = spawn(&config, &out, &[("ANATOMY_MINE__LOCK_WAIT_SECS", "120")]);
+    let slow_status = slow.wait().expect("first run");
+    let mut slow_out = String::new();
+    std::io::Read::read_to_string(slow.stdout.as_mut().expect("stdout"), &mut slow_out)
+        .expect("stdout");
+    assert_eq!(slow_status.code(), Some(0), "{slow_out}");
+    let waited = waiting.wait_with_output().expect("second run");
+    assert_exit(&waited, 0);
+    let runs = index.rows("SELECT started_at, finished_at, exit_code FROM mine_runs ORDER BY id");
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let n = |v: &String| v.parse::<i64>().expect("a time");
+    assert!(
+        n(&runs[1][0]) >= n(&runs[0][1]),
+        "the waiting run began after the first ended: {runs:?}"
+    );
+    let st = stats(&out);
+    assert_eq!(
+        (st["studies_unchanged"].as_u64(), st["rows_added"].as_u64()),
+        (Some(2), Some(0)),
+        "{st}"
+    );
+    let (_, rows) = manifest(&out);
+    assert_eq!(
+        labels(&rows),
+        [
+            expect(&a.sops[1], "lungs", "mined:kos"),
+            expect(&b.sops[2], "pelvis", "mined:kos")
+        ]
+        .into()
+    );
+}
+
+#[test]
+fn pseudo_labels_come_from_the_node_marked_and_never_over_a_human_label() {
+    let s = Setup::new();
+    let work = s.work();
+    let models = work.join("models");
+    let Some(model) = common::models::make(
+        &models,
+        "lungs",
+        &["--size", "64", "--kind", "stats", "--classes", "lungs"],
+    ) else {
+        return;
+    };
+    let mut node = Node::start_sharing(
+        NodeOptions {
+            stable_after_secs: 1,
+            classifier: format!(
+                "enabled = true\nmodel = \"{}\"\ndevice = \"cpu\"\nkey_images = 6\n",
+                model.display()
+            ),
+            ..NodeOptions::default()
+        },
+        s.db.clone(),
+    );
+    let a = series(work, 0);
+    let b = series(work, 1);
+    let out = node.storescu(&[], &a.files);
+    assert!(out.status.success(), "{}", common::text(&out));
+    let index = node.index();
+    assert!(
+        common::wait_until(60, || index
+            .count("SELECT COUNT(*) FROM series_labels WHERE status = 'labelled'")
+            == 1),
+        "the node did not label the series: {}",
+        node.log()
+    );
+    let predicted: Vec<String> = index
+        .rows("SELECT k.sop_instance_uid FROM key_images k ORDER BY k.id")
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+    let model_version = index.rows("SELECT model_version FROM series_labels")[0][0].clone();
+    assert_eq!(predicted.len(), 6);
+
+    // The archive has both series; a radiologist flagged one of the node's key-images
+    // (pelvis) and an image of the other series.
+    s.orthanc.upload_all(&a.files);
+    s.orthanc.upload_all(&b.files);
+    let human = a
+        .sops
+        .iter()
+        .position(|u| u == &predicted[2])
+        .expect("a key-image of the series");
+    s.orthanc.upload_all(&[
+        kos(
+            work,
+            &[a.instance(human)],
+            Note {
+                text: Some("pelvis"),
+                ..Note::default()
+            },
+        ),
+        kos(
+            work,
+            &[b.instance(0)],
+            Note {
+                code: Some(LUNG),
+                ..Note::default()
+            },
+        ),
+    ]);
+    // mine reads the node's own index (its database and storage).
+    let config = s.config_on(
+        "get",
+        "pseudo_labels = true\npseudo_label_min_probability = 0.9",
+        &node.storage(),
+        &s.db.url,
+    );
+    let dataset = work.join("dataset");
+    let output = mine(&config, &dataset, &[]);
+    assert_exit(&output, 0);
+    let (_, rows) = manifest(&dataset);
+    let pseudo = format!("pseudo:{model_version}");
+    let mut expected: BTreeSet<_> = predicted
+        .iter()
+        .filter(|u| **u != predicted[2])
+        .map(|u| expect(u, "lungs", &pseudo))
+        .collect();
+    expected.insert(expect(&predicted[2], "pelvis", "mined:kos"));
+    expected.insert(expect(&b.sops[0], "lungs", "mined:kos"));
+    assert_eq!(labels(&rows), expected);
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(dataset.join("dataset.json")).expect("dataset.json"),
+    )
+    .expect("JSON");
+    assert_eq!(
+        json["label_kinds"],
+        serde_json::json!({"human": 2, "pseudo": 5})
+    );
+
+    // Without pseudo_labels (the default) the same archive gives the human labels only.
+    let config = s.config_on("get", "", &node.storage(), &s.db.url);
+    let humans_only = work.join("dataset-humans");
+    assert_exit(&mine(&config, &humans_only, &[]), 0);
+    let (_, rows) = manifest(&humans_only);
+    assert!(
+        rows.iter().all(|r| r["label_source"].starts_with("mined:")),
+        "{rows:?}"
+    );
+    assert_eq!(rows.len(), 2);
+    node.kill9();
+}
