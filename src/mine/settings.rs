@@ -4,12 +4,12 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::dataset::{SplitRatios, LABELS};
 
 /// How instances come back from the archive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Retrieve {
     /// C-MOVE to our own AE: `mine` runs a temporary Storage SCP on `archive.move_port`.
@@ -20,7 +20,7 @@ pub enum Retrieve {
     Dicomweb,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ArchiveConfig {
     /// The archive's AE title (called AE title of C-FIND, C-MOVE and C-GET).
@@ -64,7 +64,7 @@ impl Default for ArchiveConfig {
 
 /// One row of the mapping table from what a Key Object Selection document (or SR) says to a
 /// dataset label: a coded concept (`code`, optionally `scheme`) or a text pattern (`text`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabelRule {
     #[serde(default)]
@@ -76,7 +76,7 @@ pub struct LabelRule {
     pub label: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MineConfig {
     /// Key of the keyed hash (HMAC-SHA-256) that makes patient keys and splits.
@@ -329,6 +329,7 @@ pub fn require_for_mining(archive: &ArchiveConfig, mine: &MineConfig) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     #[test]
     fn windows_parse_and_wrap_midnight() {
@@ -366,6 +367,42 @@ mod tests {
         mine.kos_labels[0].label = "lungs".into();
         mine.kos_labels[0].text = Some("*lung*".into());
         assert!(validate(&archive, &mine).is_err());
+    }
+
+    /// config.toml documents every key of [archive] and [mine], each with its default, and
+    /// `serve` loads it as it is.
+    #[test]
+    fn config_toml_documents_every_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = crate::config::Config::load(Some(&path)).unwrap();
+        assert_eq!(config.archive, ArchiveConfig::default());
+        assert_eq!(config.mine, MineConfig::default());
+        for (section, keys) in [
+            (
+                "archive",
+                serde_json::to_value(ArchiveConfig::default()).unwrap(),
+            ),
+            ("mine", serde_json::to_value(MineConfig::default()).unwrap()),
+        ] {
+            let header = format!("[{section}]");
+            let body = text
+                .split_once(&header)
+                .map(|(_, rest)| rest.split("\n[").next().unwrap_or(rest))
+                .unwrap_or_else(|| panic!("config.toml has no {header}"));
+            let documented: BTreeSet<&str> = body
+                .lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+                .collect();
+            let fields: BTreeSet<&str> = keys
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            assert_eq!(documented, fields, "{header} in config.toml");
+        }
     }
 
     #[test]
