@@ -997,3 +997,122 @@ fn pseudo_labels_come_from_the_node_marked_and_never_over_a_human_label() {
     assert_eq!(rows.len(), 2);
     node.kill9();
 }
+
+#[test]
+fn exit_codes_for_usage_an_unreachable_archive_the_time_window_and_sigterm() {
+    let s = Setup::new();
+    let work = s.work();
+    let all = [series(work, 0), series(work, 1), series(work, 2)];
+    for (i, x) in all.iter().enumerate() {
+        s.orthanc.upload_all(&x.files);
+        let note = Note {
+            code: Some(LUNG),
+            ..Note::default()
+        };
+        s.orthanc
+            .upload_all(&[kos(work, &[x.instance(i + 1)], note)]);
+    }
+    let expected: BTreeSet<_> = all
+        .iter()
+        .enumerate()
+        .map(|(i, x)| expect(&x.sops[i + 1], "lungs", "mined:kos"))
+        .collect();
+    let config = s.config("get", "");
+    let out = work.join("dataset");
+
+    // 2: configuration (a short secret), or an --out folder mine did not write.
+    let short = mine(
+        &config,
+        &out,
+        &[("ANATOMY_MINE__PATIENT_KEY_SECRET", "short")],
+    );
+    assert_exit(&short, 2);
+    assert!(
+        common::text(&short).contains("patient_key_secret"),
+        "{}",
+        common::text(&short)
+    );
+    let foreign = work.join("not-a-dataset");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    let refused = mine(&config, &foreign, &[]);
+    assert_exit(&refused, 2);
+    assert!(
+        common::text(&refused).contains("no mine.json"),
+        "{}",
+        common::text(&refused)
+    );
+
+    // 1: the archive does not answer.
+    let closed = free_port().to_string();
+    let down = mine(&config, &out, &[("ANATOMY_ARCHIVE__PORT", closed.as_str())]);
+    assert_exit(&down, 1);
+    assert!(
+        common::text(&down).contains("cannot associate"),
+        "{}",
+        common::text(&down)
+    );
+
+    // 4: outside mine.window nothing is done at all.
+    let now = chrono::Utc::now();
+    let hour = |h: i64| {
+        (now + chrono::Duration::hours(h))
+            .format("%H:00")
+            .to_string()
+    };
+    let window = format!("{}-{}", hour(2), hour(3));
+    let later = mine(
+        &config,
+        &work.join("dataset-window"),
+        &[("TZ", "UTC"), ("ANATOMY_MINE__WINDOW", window.as_str())],
+    );
+    assert_exit(&later, 4);
+    assert!(
+        common::text(&later).contains("outside mine.window"),
+        "{}",
+        common::text(&later)
+    );
+    assert!(
+        !work.join("dataset-window").exists(),
+        "nothing written outside the window"
+    );
+
+    // 4: SIGTERM stops the run after the studies in progress; the next run goes on.
+    let paced = [
+        ("ANATOMY_MINE__MAX_REQUESTS_PER_SECOND", "2"),
+        ("ANATOMY_MINE__MAX_CONCURRENT_RETRIEVES", "1"),
+    ];
+    let child = spawn(&config, &out, &paced);
+    let index = s.index();
+    let committed = || -> i64 {
+        if !out.join("mine.json").is_file() {
+            return 0;
+        }
+        let id = dataset_id(&out);
+        index.count(&format!(
+            "SELECT COUNT(*) FROM mine_images WHERE dataset_id = '{id}'"
+        ))
+    };
+    assert!(
+        common::wait_until(60, || committed() > 0),
+        "no study committed"
+    );
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    let stopped = child.wait_with_output().expect("the stopped run");
+    assert_exit(&stopped, 4);
+    let stdout = String::from_utf8_lossy(&stopped.stdout);
+    assert!(stdout.contains("stopped early"), "{stdout}");
+    let (_, rows) = manifest(&out);
+    assert!(
+        (1..3).contains(&rows.len()),
+        "the committed rows are in the manifest: {rows:?}"
+    );
+    let finished = mine(&config, &out, &[]);
+    assert_exit(&finished, 0);
+    let (_, rows) = manifest(&out);
+    assert_eq!(labels(&rows), expected);
+}
