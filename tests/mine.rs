@@ -361,6 +361,10 @@ fn stats(out: &Path) -> Value {
     report["report"]["stats"].clone()
 }
 
+fn t_wall(stats: &Value) -> f64 {
+    stats["timing"]["wall_s"].as_f64().expect("wall_s")
+}
+
 /// The dataset id of an --out folder (mine.json), which keys its rows in the index.
 fn dataset_id(out: &Path) -> String {
     let text = std::fs::read_to_string(out.join("mine.json")).expect("mine.json");
@@ -458,6 +462,26 @@ fn the_same_rows_and_labels_by_c_move_c_get_and_dicomweb() {
         ),
     ];
     s.orthanc.upload_all(&documents);
+    // A document flags an image that was deleted from the archive since: it is counted as
+    // not sent, without failing the study (nor a wait for it by C-MOVE).
+    s.orthanc.upload_all(&[kos(
+        work,
+        &[c.instance(3)],
+        Note {
+            code: Some(LUNG),
+            ..Note::default()
+        },
+    )]);
+    let (_, gone) = s
+        .orthanc
+        .instances()
+        .into_iter()
+        .find(|(sop, _)| sop == &c.sops[3])
+        .expect("c[3] in the archive");
+    let (status, _) = s
+        .orthanc
+        .request("DELETE", &format!("/instances/{gone}"), None);
+    assert_eq!(status, 200);
     let ris = s.ris_csv(
         "ris.csv",
         &format!(
@@ -474,7 +498,9 @@ fn the_same_rows_and_labels_by_c_move_c_get_and_dicomweb() {
         expect(&c.sops[1], "neck", "mined:ris"),
     ]
     .into();
-    let instances = a.files.len() + b.files.len() + c.files.len() + d.files.len();
+    // The CT images in the archive, less the labelled ones (c[3], deleted, was labelled).
+    let without_label =
+        a.files.len() + b.files.len() + (c.files.len() - 1) + d.files.len() - expected.len() - 1;
     let patient_of: BTreeMap<&str, &str> = [&a, &b, &c, &d]
         .iter()
         .flat_map(|x| x.sops.iter().map(|u| (u.as_str(), x.patient_id.as_str())))
@@ -555,13 +581,21 @@ fn the_same_rows_and_labels_by_c_move_c_get_and_dicomweb() {
             "{retrieve}"
         );
         assert_eq!(
-            st["instances_without_label"],
-            instances - expected.len(),
-            "{retrieve}: every CT image of the four studies but the six labelled: {st}"
+            st["instances_without_label"], without_label,
+            "{retrieve}: every CT image of the four studies but the labelled ones: {st}"
+        );
+        assert_eq!(
+            st["images_skipped"],
+            serde_json::json!({"not sent by the archive": 1}),
+            "{retrieve}"
+        );
+        assert!(
+            t_wall(&st) < 9.0,
+            "{retrieve}: no wait for what was not sent: {st}"
         );
         assert_eq!(
             st["documents"],
-            serde_json::json!({"key object selection": 4, "written by anatomy-node (ignored)": 1}),
+            serde_json::json!({"key object selection": 5, "written by anatomy-node (ignored)": 1}),
             "{retrieve}"
         );
         assert_eq!(
@@ -579,10 +613,7 @@ fn the_same_rows_and_labels_by_c_move_c_get_and_dicomweb() {
         assert!(t["write_s"].as_f64().unwrap() > 0.0, "{retrieve}: {t}");
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
-            stdout.contains(&format!(
-                "{} instances without a label",
-                instances - expected.len()
-            )),
+            stdout.contains(&format!("{without_label} instances without a label")),
             "{stdout}"
         );
 

@@ -28,7 +28,8 @@ use super::web::{DicomWeb, WebError};
 
 /// SOP Instance UIDs per C-MOVE/C-GET request (a List of UID Matching key).
 const UIDS_PER_REQUEST: usize = 200;
-/// After a C-MOVE's final response, how long stragglers may take to reach our SCP.
+/// After a C-MOVE's final response, how long stragglers the archive counted as sent may
+/// take to reach our SCP (an archive that answers before its sub-operations finish).
 const MOVE_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,6 +374,11 @@ impl Archive {
     /// Retrieve instances of one series into the spool: what arrived, by SOP Instance UID
     /// (an instance the archive did not send is absent; the caller counts it), and the
     /// error that stopped the retrieval, if one did (what arrived before it is kept).
+    ///
+    /// An archive may refuse a whole list for one instance it cannot send (Orthanc answers
+    /// a C-GET naming a deleted instance with C000): a list refused with a failure status is
+    /// asked for again one instance at a time, and an instance refused alone is left out
+    /// (not sent) while the others come. Lost connections and timeouts stop the retrieval.
     pub async fn retrieve(
         &self,
         study: &str,
@@ -381,24 +387,62 @@ impl Archive {
     ) -> (HashMap<String, PathBuf>, Option<ArchiveError>) {
         let mut got = HashMap::new();
         for chunk in sops.chunks(UIDS_PER_REQUEST) {
-            self.spool.expect(chunk);
-            let result = self.retrieve_chunk(study, series, chunk).await;
-            let wait = match (&result, &self.kind) {
-                (
-                    Ok(()),
-                    Kind::Dimse {
-                        retrieve: Retrieve::Move,
-                        ..
-                    },
-                ) => MOVE_GRACE,
-                _ => Duration::ZERO,
-            };
-            got.extend(self.spool.take(chunk, wait).await);
-            if let Err(e) = result {
-                return (got, Some(e));
+            let (arrived, result) = self.retrieve_list(study, series, chunk).await;
+            got.extend(arrived);
+            match result {
+                Ok(()) => {}
+                Err(ArchiveError::Dimse(QrError::Status { .. })) if chunk.len() > 1 => {
+                    let missing: Vec<String> = chunk
+                        .iter()
+                        .filter(|u| !got.contains_key(*u))
+                        .cloned()
+                        .collect();
+                    for uid in missing {
+                        let (arrived, result) = self
+                            .retrieve_list(study, series, std::slice::from_ref(&uid))
+                            .await;
+                        got.extend(arrived);
+                        match result {
+                            Ok(()) => {}
+                            Err(e @ ArchiveError::Dimse(QrError::Status { .. })) => {
+                                tracing::warn!(study, series, sop_instance_uid = %uid, error = %e, "the archive refused one instance");
+                            }
+                            Err(e) => return (got, Some(e)),
+                        }
+                    }
+                }
+                Err(e) => return (got, Some(e)),
             }
         }
         (got, None)
+    }
+
+    /// One request for `uids`: what arrived, and how the request ended.
+    async fn retrieve_list(
+        &self,
+        study: &str,
+        series: &str,
+        uids: &[String],
+    ) -> (HashMap<String, PathBuf>, Result<(), ArchiveError>) {
+        self.spool.expect(uids);
+        let result = self.retrieve_chunk(study, series, uids).await;
+        // C-MOVE: wait (a little) for what the archive says it sent; C-GET and WADO-RS
+        // bring everything back before they return.
+        let (need, wait) = match (&result, &self.kind) {
+            (
+                Ok(Some(counts)),
+                Kind::Dimse {
+                    retrieve: Retrieve::Move,
+                    ..
+                },
+            ) => (
+                usize::from(counts.completed) + usize::from(counts.warning),
+                MOVE_GRACE,
+            ),
+            _ => (0, Duration::ZERO),
+        };
+        let arrived = self.spool.take(uids, need, wait).await;
+        (arrived, result.map(|_| ()))
     }
 
     async fn retrieve_chunk(
@@ -406,7 +450,7 @@ impl Archive {
         study: &str,
         series: &str,
         sops: &[String],
-    ) -> Result<(), ArchiveError> {
+    ) -> Result<Option<dimse::SubOperations>, ArchiveError> {
         match &self.kind {
             Kind::Dimse {
                 peer,
@@ -443,7 +487,7 @@ impl Archive {
                                     "the archive could not send some instances"
                                 );
                             }
-                            Ok(())
+                            Ok(Some(counts))
                         }
                         Err(e) => {
                             assoc.abort().await;
@@ -467,7 +511,7 @@ impl Archive {
                     })
                     .await?;
                 }
-                Ok(())
+                Ok(None)
             }
         }
     }

@@ -161,18 +161,25 @@ impl Spool {
         self.arrived.notify_waiters();
     }
 
-    /// Wait up to `wait` for every one of `uids` to have arrived, then hand over those that
-    /// did (and forget all of `uids`).
-    pub async fn take(&self, uids: &[String], wait: Duration) -> HashMap<String, PathBuf> {
+    /// Wait up to `wait` until `need` of `uids` (at most all of them) have arrived, then
+    /// hand over those that did (and forget all of `uids`).
+    pub async fn take(
+        &self,
+        uids: &[String],
+        need: usize,
+        wait: Duration,
+    ) -> HashMap<String, PathBuf> {
         let deadline = tokio::time::Instant::now() + wait;
+        let need = need.min(uids.len());
         loop {
             let notified = self.arrived.notified();
-            let all_here = {
+            let here = {
                 let state = self.state();
                 uids.iter()
-                    .all(|u| matches!(state.expected.get(u), Some(Some(_))))
+                    .filter(|u| matches!(state.expected.get(*u), Some(Some(_))))
+                    .count()
             };
-            if all_here || tokio::time::Instant::now() >= deadline {
+            if here >= need || tokio::time::Instant::now() >= deadline {
                 break;
             }
             let _ = tokio::time::timeout_at(deadline, notified).await;
@@ -242,12 +249,29 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[128..132], b"DICM");
         assert!(bytes.ends_with(&[0x08, 0x00]));
+        let started = std::time::Instant::now();
         let got = spool
-            .take(&["1.2.3".into(), "1.2.4".into()], Duration::from_millis(50))
+            .take(
+                &["1.2.3".into(), "1.2.4".into()],
+                2,
+                Duration::from_millis(50),
+            )
             .await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(50),
+            "waited for the second"
+        );
         assert_eq!(got.len(), 1);
         assert_eq!(got["1.2.3"], path);
         assert_eq!(spool.unexpected(), 1);
         assert!(!spool.is_expected("1.2.4"), "taken uids are forgotten");
+        // Only what the archive counted as sent is waited for.
+        spool.expect(&["1.2.5".into()]);
+        let started = std::time::Instant::now();
+        assert!(spool
+            .take(&["1.2.5".into()], 0, Duration::from_secs(10))
+            .await
+            .is_empty());
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 }

@@ -164,6 +164,11 @@ impl DicomWeb {
             .to_string();
         let (_, body) = response.into_parts();
         let mut reader = body.into_reader();
+        if status == 404 {
+            // Not (or no longer) in the archive: the caller counts it as not sent, as a
+            // C-MOVE or C-GET that finds nothing; the other instances go on.
+            return Ok(false);
+        }
         if status != 200 {
             let mut text = String::new();
             let _ = reader.take(300).read_to_string(&mut text);
