@@ -136,6 +136,8 @@ struct Note<'a> {
     text: Option<&'a str>,
     code: Option<&'a str>,
     manufacturer: Option<&'a str>,
+    /// A Comprehensive SR document instead of a Key Object Selection document.
+    sr: bool,
 }
 
 /// Write a Key Object Selection document flagging `images` (tests/tools/make_kos.py).
@@ -154,6 +156,9 @@ fn kos(work: &Path, images: &[&Path], note: Note) -> PathBuf {
     }
     if let Some(m) = note.manufacturer {
         cmd.args(["--manufacturer", m]);
+    }
+    if note.sr {
+        cmd.arg("--sr");
     }
     cmd.args(images);
     let output = cmd.output().expect("run make_kos.py");
@@ -460,6 +465,16 @@ fn the_same_rows_and_labels_by_c_move_c_get_and_dicomweb() {
                 ..Note::default()
             },
         ),
+        // An SR document (mine.sr = true) is read the same way.
+        kos(
+            work,
+            &[d.instance(4)],
+            Note {
+                text: Some("Pelvis, bones"),
+                sr: true,
+                ..Note::default()
+            },
+        ),
     ];
     s.orthanc.upload_all(&documents);
     // A document flags an image that was deleted from the archive since: it is counted as
@@ -496,6 +511,7 @@ fn the_same_rows_and_labels_by_c_move_c_get_and_dicomweb() {
         expect(&b.sops[1], "liver", "mined:ris"),
         expect(&b.sops[4], "liver", "mined:ris"),
         expect(&c.sops[1], "neck", "mined:ris"),
+        expect(&d.sops[4], "pelvis", "mined:sr"),
     ]
     .into();
     // The CT images in the archive, less the labelled ones (c[3], deleted, was labelled).
@@ -508,7 +524,10 @@ fn the_same_rows_and_labels_by_c_move_c_get_and_dicomweb() {
 
     let mut first: Option<(Vec<Row>, Images)> = None;
     for retrieve in ["move", "get", "dicomweb"] {
-        let config = s.config(retrieve, &format!("ris_csv = \"{}\"", ris.display()));
+        let config = s.config(
+            retrieve,
+            &format!("ris_csv = \"{}\"\nsr = true", ris.display()),
+        );
         let out = work.join(format!("dataset-{retrieve}"));
         let output = mine(&config, &out, &[]);
         assert_exit(&output, 0);
@@ -570,7 +589,7 @@ fn the_same_rows_and_labels_by_c_move_c_get_and_dicomweb() {
         let st = stats(&out);
         assert_eq!(st["studies_found"], 4, "{retrieve}: {st}");
         assert_eq!(st["studies_mined"], 4, "{retrieve}: {st}");
-        assert_eq!(st["rows_added"], 6, "{retrieve}: {st}");
+        assert_eq!(st["rows_added"], expected.len(), "{retrieve}: {st}");
         assert_eq!(
             st["unlabelled"],
             serde_json::json!({
@@ -595,7 +614,11 @@ fn the_same_rows_and_labels_by_c_move_c_get_and_dicomweb() {
         );
         assert_eq!(
             st["documents"],
-            serde_json::json!({"key object selection": 5, "written by anatomy-node (ignored)": 1}),
+            serde_json::json!({
+                "key object selection": 5,
+                "structured report": 1,
+                "written by anatomy-node (ignored)": 1
+            }),
             "{retrieve}"
         );
         assert_eq!(
@@ -654,7 +677,10 @@ fn the_same_rows_and_labels_by_c_move_c_get_and_dicomweb() {
     }
     // Each dataset's rows are in the index, apart.
     let index = s.index();
-    assert_eq!(index.count("SELECT COUNT(*) FROM mine_images"), 18);
+    assert_eq!(
+        index.count("SELECT COUNT(*) FROM mine_images"),
+        3 * expected.len() as i64
+    );
     assert_eq!(
         index.count("SELECT COUNT(DISTINCT dataset_id) FROM mine_images"),
         3
@@ -924,8 +950,15 @@ fn pseudo_labels_come_from_the_node_marked_and_never_over_a_human_label() {
     let models = work.join("models");
     let Some(model) = common::models::make(
         &models,
-        "lungs",
-        &["--size", "64", "--kind", "stats", "--classes", "lungs"],
+        "lungs-liver",
+        &[
+            "--size",
+            "64",
+            "--kind",
+            "stats",
+            "--classes",
+            "lungs,liver",
+        ],
     ) else {
         return;
     };
@@ -952,13 +985,29 @@ fn pseudo_labels_come_from_the_node_marked_and_never_over_a_human_label() {
         "the node did not label the series: {}",
         node.log()
     );
-    let predicted: Vec<String> = index
-        .rows("SELECT k.sop_instance_uid FROM key_images k ORDER BY k.id")
+    // The node's key-images: SOP Instance UID, predicted class, its probability.
+    let predictions: Vec<(String, String, f64)> = index
+        .rows("SELECT sop_instance_uid, label, probabilities FROM key_images ORDER BY id")
         .into_iter()
-        .map(|r| r[0].clone())
+        .map(|r| {
+            let p: BTreeMap<String, f64> = serde_json::from_str(&r[2]).expect("probabilities");
+            (r[0].clone(), r[1].clone(), p[&r[1]])
+        })
         .collect();
+    let predicted: Vec<String> = predictions.iter().map(|p| p.0.clone()).collect();
     let model_version = index.rows("SELECT model_version FROM series_labels")[0][0].clone();
     assert_eq!(predicted.len(), 6);
+    // The threshold: the third highest probability among the key-images no human labels
+    // (predicted[2] gets a human label below), so some pass and some do not.
+    let mut probabilities: Vec<f64> = predictions
+        .iter()
+        .filter(|p| p.0 != predicted[2])
+        .map(|p| p.2)
+        .collect();
+    probabilities.sort_by(|x, y| y.total_cmp(x));
+    let threshold = probabilities[2];
+    let below = probabilities.iter().filter(|p| **p < threshold).count();
+    assert!(below > 0, "the probabilities differ: {predictions:?}");
 
     // The archive has both series; a radiologist flagged one of the node's key-images
     // (pelvis) and an image of the other series.
@@ -990,7 +1039,7 @@ fn pseudo_labels_come_from_the_node_marked_and_never_over_a_human_label() {
     // mine reads the node's own index (its database and storage).
     let config = s.config_on(
         "get",
-        "pseudo_labels = true\npseudo_label_min_probability = 0.9",
+        &format!("pseudo_labels = true\npseudo_label_min_probability = {threshold}"),
         &node.storage(),
         &s.db.url,
     );
@@ -999,11 +1048,12 @@ fn pseudo_labels_come_from_the_node_marked_and_never_over_a_human_label() {
     assert_exit(&output, 0);
     let (_, rows) = manifest(&dataset);
     let pseudo = format!("pseudo:{model_version}");
-    let mut expected: BTreeSet<_> = predicted
+    let mut expected: BTreeSet<_> = predictions
         .iter()
-        .filter(|u| **u != predicted[2])
-        .map(|u| expect(u, "lungs", &pseudo))
+        .filter(|(u, _, p)| *u != predicted[2] && *p >= threshold)
+        .map(|(u, label, _)| expect(u, label, &pseudo))
         .collect();
+    let pseudo_rows = expected.len();
     expected.insert(expect(&predicted[2], "pelvis", "mined:kos"));
     expected.insert(expect(&b.sops[0], "lungs", "mined:kos"));
     assert_eq!(labels(&rows), expected);
@@ -1013,8 +1063,10 @@ fn pseudo_labels_come_from_the_node_marked_and_never_over_a_human_label() {
     .expect("JSON");
     assert_eq!(
         json["label_kinds"],
-        serde_json::json!({"human": 2, "pseudo": 5})
+        serde_json::json!({"human": 2, "pseudo": pseudo_rows})
     );
+    let st = stats(&dataset);
+    assert_eq!(st["pseudo_below_threshold"], below, "{st}");
 
     // Without pseudo_labels (the default) the same archive gives the human labels only.
     let config = s.config_on("get", "", &node.storage(), &s.db.url);

@@ -1,4 +1,5 @@
-"""Write a Key Object Selection document (PS3.3 A.35.4) that flags images of one study.
+"""Write a Key Object Selection document (PS3.3 A.35.4) that flags images of one study
+(or, with --sr, a Comprehensive SR document of the same content).
 
 Used by tests/mine.rs: a radiologist's key-image note as a PACS would hold it. The patient
 and study attributes are copied from the first referenced image; the document's content is
@@ -8,7 +9,7 @@ and study attributes are copied from the first referenced image; the document's 
     CODE  (121071, DCM, "Finding") = --code VALUE^SCHEME^MEANING   (when given)
     IMAGE ... one per referenced image (frame numbers with FILE:FRAME,FRAME)
 
-usage: make_kos.py OUT.dcm [--text T] [--code V^S^M] [--manufacturer M] FILE[:FRAMES]...
+usage: make_kos.py OUT.dcm [--text T] [--code V^S^M] [--manufacturer M] [--sr] FILE[:FRAMES]...
 """
 
 import argparse
@@ -20,6 +21,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
 def code(value, scheme, meaning):
@@ -38,6 +40,7 @@ def main():
     parser.add_argument("--code")
     parser.add_argument("--manufacturer", default="Test PACS")
     parser.add_argument("--series-uid", default=None)
+    parser.add_argument("--sr", action="store_true", help="a Comprehensive SR document")
     args = parser.parse_args()
 
     refs = []
@@ -65,9 +68,13 @@ def main():
             setattr(kos, keyword, first.data_element(keyword).value)
         elif keyword not in ("IssuerOfPatientID", "PatientBirthDate"):
             setattr(kos, keyword, "")
-    kos.SOPClassUID = KOS
+    sop_class = COMPREHENSIVE_SR if args.sr else KOS
+    kos.SOPClassUID = sop_class
     kos.SOPInstanceUID = generate_uid()
-    kos.Modality = "KO"
+    kos.Modality = "SR" if args.sr else "KO"
+    if args.sr:
+        kos.CompletionFlag = "COMPLETE"
+        kos.VerificationFlag = "UNVERIFIED"
     kos.SeriesInstanceUID = args.series_uid or generate_uid()
     kos.SeriesNumber = 900
     kos.InstanceNumber = 1
@@ -130,7 +137,7 @@ def main():
     kos.CurrentRequestedProcedureEvidenceSequence = Sequence([study])
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = KOS
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = kos.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     kos.file_meta = meta
