@@ -1201,6 +1201,51 @@ fn exit_codes_for_usage_an_unreachable_archive_the_time_window_and_sigterm() {
         "nothing written outside the window"
     );
 
+    // 3: the archive cannot reach our C-MOVE destination (it knows MINER at another port):
+    // every study fails, is recorded as failed, and is tried again by the next runs; after
+    // mine.max_attempts failed runs it is left alone (given up) until it changes.
+    // (RIS rows name two images per series, so lists of UIDs are refused.)
+    let mut rows = String::from("sop_instance_uid,label\n");
+    let mut ris_expected = BTreeSet::new();
+    for x in &all {
+        for i in [3, 4] {
+            rows.push_str(&format!("{},legs\n", x.sops[i]));
+            ris_expected.insert(expect(&x.sops[i], "legs", "mined:ris"));
+        }
+    }
+    let ris = s.ris_csv("ris.csv", &rows);
+    let by_move = s.config(
+        "move",
+        &format!("kos = false\nris_csv = \"{}\"", ris.display()),
+    );
+    let moved = work.join("dataset-move");
+    let elsewhere = free_port().to_string();
+    let wrong_port = [("ANATOMY_ARCHIVE__MOVE_PORT", elsewhere.as_str())];
+    let failing = mine(&by_move, &moved, &wrong_port);
+    assert_exit(&failing, 3);
+    let st = stats(&moved);
+    assert_eq!(
+        (st["studies_failed"].as_u64(), st["rows_added"].as_u64()),
+        (Some(3), Some(0)),
+        "{st}"
+    );
+    assert!(!st["errors"].as_array().unwrap().is_empty(), "{st}");
+    let given_up = mine(
+        &by_move,
+        &moved,
+        &[wrong_port[0], ("ANATOMY_MINE__MAX_ATTEMPTS", "1")],
+    );
+    assert_exit(&given_up, 0);
+    let st = stats(&moved);
+    assert_eq!(st["studies_given_up"], 3, "{st}");
+    assert_eq!(
+        st["timing"]["archive_requests"], 2,
+        "only the RIS rows located and the studies queried: {st}"
+    );
+    let fixed = mine(&by_move, &moved, &[]);
+    assert_exit(&fixed, 0);
+    assert_eq!(labels(&manifest(&moved).1), ris_expected);
+
     // 4: SIGTERM stops the run after the studies in progress; the next run goes on.
     let paced = [
         ("ANATOMY_MINE__MAX_REQUESTS_PER_SECOND", "2"),

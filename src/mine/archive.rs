@@ -378,7 +378,8 @@ impl Archive {
     /// An archive may refuse a whole list for one instance it cannot send (Orthanc answers
     /// a C-GET naming a deleted instance with C000): a list refused with a failure status is
     /// asked for again one instance at a time, and an instance refused alone is left out
-    /// (not sent) while the others come. Lost connections and timeouts stop the retrieval.
+    /// (not sent) while the others come. When none comes, or the connection is lost or
+    /// times out, the retrieval fails (and the study is tried again by a later run).
     pub async fn retrieve(
         &self,
         study: &str,
@@ -391,24 +392,35 @@ impl Archive {
             got.extend(arrived);
             match result {
                 Ok(()) => {}
-                Err(ArchiveError::Dimse(QrError::Status { .. })) if chunk.len() > 1 => {
+                Err(first @ ArchiveError::Dimse(QrError::Status { .. })) if chunk.len() > 1 => {
                     let missing: Vec<String> = chunk
                         .iter()
                         .filter(|u| !got.contains_key(*u))
                         .cloned()
                         .collect();
+                    let mut came = chunk.len() - missing.len();
+                    let mut refused = Vec::new();
                     for uid in missing {
                         let (arrived, result) = self
                             .retrieve_list(study, series, std::slice::from_ref(&uid))
                             .await;
+                        came += arrived.len();
                         got.extend(arrived);
                         match result {
                             Ok(()) => {}
                             Err(e @ ArchiveError::Dimse(QrError::Status { .. })) => {
-                                tracing::warn!(study, series, sop_instance_uid = %uid, error = %e, "the archive refused one instance");
+                                refused.push((uid, e));
                             }
                             Err(e) => return (got, Some(e)),
                         }
+                    }
+                    // Nothing came at all: the retrieval itself fails (a C-MOVE destination
+                    // the archive cannot reach, say), and the study is tried again later.
+                    if came == 0 {
+                        return (got, Some(first));
+                    }
+                    for (uid, e) in refused {
+                        tracing::warn!(study, series, sop_instance_uid = %uid, error = %e, "the archive refused one instance");
                     }
                 }
                 Err(e) => return (got, Some(e)),
