@@ -15,7 +15,7 @@
 #[path = "../tests/common/orthanc.rs"]
 mod orthanc;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -157,17 +157,11 @@ fn main() {
     );
 }
 
-/// The stats of the run's report.
+/// The stats of the last run, as dataset.json keeps them.
 fn report(out: &Path) -> serde_json::Value {
-    let mut reports: Vec<PathBuf> = std::fs::read_dir(out.join("reports"))
-        .expect("reports")
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    reports.sort();
-    let text = std::fs::read_to_string(reports.last().expect("a report")).expect("report");
-    let json: serde_json::Value = serde_json::from_str(&text).expect("JSON report");
-    json["report"]["stats"].clone()
+    let text = std::fs::read_to_string(out.join("dataset.json")).expect("dataset.json");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    json["mined"]["run"]["stats"].clone()
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {

@@ -275,18 +275,7 @@ kos_labels = [
 
     /// The index as the test reads it.
     fn index(&self) -> IndexReader {
-        IndexReader::open(&self.index_url())
-    }
-
-    fn index_url(&self) -> String {
-        if self.db.url.is_empty() {
-            format!(
-                "sqlite://{}?mode=ro",
-                self.work().join("node/index.sqlite3").display()
-            )
-        } else {
-            self.db.url.clone()
-        }
+        IndexReader::open(&self.db.reader_url(&self.work().join("node")))
     }
 
     fn ris_csv(&self, name: &str, text: &str) -> PathBuf {

@@ -62,6 +62,19 @@ impl TestDb {
         self.admin.is_some()
     }
 
+    /// The URL a test reads the index with: this database, or the read-only SQLite file
+    /// of a node (or `mine`) whose storage directory is `storage`.
+    pub fn reader_url(&self, storage: &std::path::Path) -> String {
+        if self.url.is_empty() {
+            format!(
+                "sqlite://{}?mode=ro",
+                storage.join("index.sqlite3").display()
+            )
+        } else {
+            self.url.clone()
+        }
+    }
+
     pub fn label(&self) -> &'static str {
         if self.is_postgres() {
             "PostgreSQL"

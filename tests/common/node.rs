@@ -100,14 +100,7 @@ impl Node {
 
     /// The URL the test uses to read the node's index.
     pub fn index_url(&self) -> String {
-        if self.db.url.is_empty() {
-            format!(
-                "sqlite://{}?mode=ro",
-                self.storage().join("index.sqlite3").display()
-            )
-        } else {
-            self.db.url.clone()
-        }
+        self.db.reader_url(&self.storage())
     }
 
     pub fn index(&self) -> IndexReader {
