@@ -843,6 +843,15 @@ fn a_second_run_mines_nothing_a_new_study_alone_and_a_killed_run_resumes_without
     child.kill().expect("kill -9");
     let status = child.wait().expect("wait");
     assert_eq!(status.signal(), Some(9), "the run ended before the kill");
+    // Whatever was retrieved waits outside the dataset folder: even now it holds no DICOM.
+    for file in files_under(&out2) {
+        let bytes = std::fs::read(&file).expect("dataset file");
+        assert!(
+            bytes.len() < 132 || &bytes[128..132] != b"DICM",
+            "{} is a DICOM file",
+            file.display()
+        );
+    }
     let before = committed();
     assert!(
         (1..11).contains(&before),
@@ -878,7 +887,10 @@ fn a_second_run_mines_nothing_a_new_study_alone_and_a_killed_run_resumes_without
     );
     let images = files_under(&out2.join("images"));
     assert_eq!(images.len(), 11, "no stray or partial images: {images:?}");
-    assert!(!out2.join(".spool").exists(), "the spool is cleaned up");
+    assert!(
+        !work.join("node/anatomy-node-mine-spool").exists(),
+        "the spool is removed"
+    );
 }
 
 #[test]

@@ -160,6 +160,8 @@ struct Miner {
     window: Option<TimeWindow>,
     run_id: i64,
     rules_hash: String,
+    /// The spool folder, removed at the end of the run.
+    spool_dir: PathBuf,
     decode_us: AtomicU64,
     write_us: AtomicU64,
     commit_us: AtomicU64,
@@ -321,11 +323,15 @@ async fn mine(args: MineArgs, config: Config) -> Result<u8, Fatal> {
         .await
         .map_err(|e| (exit::FAILED, e))?;
 
+    // Retrieved DICOM files (patient data) never wait inside the dataset folder, so a
+    // dataset copied after a crash holds none: they go to a folder of mine's own under
+    // mine.spool (default: the storage directory, where the node keeps DICOM anyway).
     let spool_dir = config
         .mine
         .spool
         .clone()
-        .unwrap_or_else(|| output.dir.join(".spool"));
+        .unwrap_or_else(|| config.storage.path.clone())
+        .join(super::spool::SPOOL_FOLDER);
     let spool = Arc::new(
         Spool::open(&spool_dir)
             .map_err(|e| Fatal(exit::FAILED, format!("spool {}: {e}", spool_dir.display())))?,
@@ -359,6 +365,7 @@ async fn mine(args: MineArgs, config: Config) -> Result<u8, Fatal> {
         window,
         run_id,
         rules_hash,
+        spool_dir,
         decode_us: AtomicU64::new(0),
         write_us: AtomicU64::new(0),
         commit_us: AtomicU64::new(0),
@@ -1375,9 +1382,8 @@ impl Miner {
                 "mine finished"
             );
         }
-        let spool = self.output.dir.join(".spool");
         self.archive.close().await;
-        let _ = std::fs::remove_dir_all(&spool);
+        let _ = std::fs::remove_dir_all(&self.spool_dir);
         code
     }
 }

@@ -112,7 +112,8 @@ pub struct MineConfig {
     pub lock_wait_secs: u64,
     /// A study that fails this many runs in a row is left alone until it changes.
     pub max_attempts: u32,
-    /// Where retrieved instances wait for conversion (default `<out>/.spool`).
+    /// Retrieved instances wait in `<this>/anatomy-node-mine-spool` (default: under
+    /// `storage.path`; never the dataset folder, as they hold patient data).
     pub spool: Option<PathBuf>,
 }
 

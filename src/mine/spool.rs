@@ -23,6 +23,10 @@ use crate::store::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
 
 static TMP_IDS: AtomicU64 = AtomicU64::new(1);
 
+/// The spool is this folder of mine's own under `mine.spool` (default: the storage
+/// directory): emptied at the start of a run, removed at its end.
+pub const SPOOL_FOLDER: &str = "anatomy-node-mine-spool";
+
 #[derive(Default)]
 struct State {
     /// SOP Instance UID → where it landed (None: asked for, not arrived yet).
