@@ -1,13 +1,16 @@
 //! `anatomy-node mine` against a real archive: Orthanc (with its DICOMweb plugin) on
 //! loopback holds CT series (../shared/data/ct, synthetic where it is absent) and Key Object
-//! Selection documents the test writes (tests/tools/make_kos.py); a RIS CSV labels other
-//! images. Checked: the exact rows and labels with C-MOVE, C-GET and DICOMweb (the same
-//! rows, keys, splits and image bytes by all three), the unlabelled counts, the patient
-//! keys and splits against an independent HMAC, no patient names, IDs or birth dates in the
+//! Selection and SR documents the test writes (tests/tools/make_kos.py); a RIS CSV labels
+//! other images, whole series and a whole study (accession number). Checked: the exact rows
+//! and labels with C-MOVE, C-GET and DICOMweb (the same rows, keys, splits and image bytes by
+//! all three), the unlabelled counts, an image deleted from the archive, the patient keys
+//! and splits against an independent HMAC, no patient names, IDs or birth dates in the
 //! dataset; cron behaviour: a second run mines nothing, a new study is mined alone, a run
 //! killed with SIGKILL is completed by the next without duplicates, two runs at once (exit
-//! 75, or waiting); pseudo labels from the node's own predictions, marked and never mixed
-//! with human labels. Every test runs on SQLite and, via tests/run-all.sh, on PostgreSQL.
+//! 75, or waiting); every exit code (2, 1, 3 with retries and giving up, 4 by window and by
+//! SIGTERM); pseudo labels from the node's own predictions, above a threshold, marked and
+//! never over a human label. Every test runs on SQLite and, via tests/run-all.sh, on
+//! PostgreSQL.
 
 mod common;
 
