@@ -1467,6 +1467,12 @@ fn print_summary(stats: &Stats, code: u8, out: &Path, report: Option<&Path>) {
 
 /// `anatomy::select`'s view of a retrieved file (header only).
 fn instance_from_file(sop: &str, path: &Path) -> Option<Instance> {
+    header(sop, path).map(|(instance, _)| instance)
+}
+
+/// A retrieved file's header: `anatomy::select`'s view of it, and whether it says the
+/// pixels carry burned-in annotation (Burned In Annotation (0028,0301) YES).
+fn header(sop: &str, path: &Path) -> Option<(Instance, bool)> {
     let obj = OpenFileOptions::new()
         .read_until(tags::PIXEL_DATA)
         .open_file(path)
@@ -1478,7 +1484,8 @@ fn instance_from_file(sop: &str, path: &Path) -> Option<Instance> {
             .map(|s| s.trim_matches(['\0', ' ']).to_string())
             .filter(|s| !s.is_empty())
     };
-    Some(Instance {
+    let burned_in = text(tags::BURNED_IN_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("YES"));
+    let instance = Instance {
         sop_instance_uid: sop.to_string(),
         sop_class_uid: text(tags::SOP_CLASS_UID).unwrap_or_default(),
         path: path.to_path_buf(),
@@ -1487,7 +1494,8 @@ fn instance_from_file(sop: &str, path: &Path) -> Option<Instance> {
         image_orientation: text(tags::IMAGE_ORIENTATION_PATIENT),
         number_of_frames: text(tags::NUMBER_OF_FRAMES).and_then(|v| v.parse().ok()),
         instance_number: text(tags::INSTANCE_NUMBER).and_then(|v| v.parse().ok()),
-    })
+    };
+    Some((instance, burned_in))
 }
 
 type Converted = Result<(Vec<f32>, Option<f64>, bool), String>;
@@ -1503,12 +1511,16 @@ fn decode_file(
         .first()
         .map(|d| d.sop_instance_uid.clone())
         .unwrap_or_default();
-    let instance = instance_from_file(&sop, path).ok_or("not a readable DICOM file")?;
+    let (instance, burned_in) = header(&sop, path).ok_or("not a readable DICOM file")?;
     if !select::is_ct_image_class(&instance.sop_class_uid) {
         return Err(format!(
             "not a CT image ({})",
             crate::forward::scu::sop_class_name(&instance.sop_class_uid)
         ));
+    }
+    if burned_in {
+        // Text in the pixels may name the patient: such an image never enters a dataset.
+        return Err("burned-in annotation (0028,0301) YES".into());
     }
     let frames = u32::try_from(instance.number_of_frames.unwrap_or(1).max(1)).unwrap_or(1);
     let multi_frame = frames > 1 || instance.sop_class_uid != uids::CT_IMAGE_STORAGE;
@@ -1565,6 +1577,39 @@ fn decode_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn images_with_burned_in_annotation_are_refused() {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        let dir = tempfile::tempdir().unwrap();
+        let spec = crate::synth::SeriesSpec::new(1, 2, 32);
+        let decision = |sop: String| Decision {
+            sop_instance_uid: sop,
+            frame: 0,
+            whole_image: true,
+            series_uid: None,
+            label: "lungs".into(),
+            label_source: "mined:ris".into(),
+        };
+        let mut converted = Vec::new();
+        for (slice, burned) in [(0, "NO"), (1, "YES")] {
+            let mut obj = crate::synth::ct_slice(&spec, slice);
+            obj.put(DataElement::new(
+                tags::BURNED_IN_ANNOTATION,
+                VR::CS,
+                PrimitiveValue::from(burned),
+            ));
+            let path = dir.path().join(format!("{slice}.dcm"));
+            obj.write_to_file(&path).unwrap();
+            let images = decode_file(&path, &[decision(spec.sop_uid(slice))], 16, 35.0);
+            converted.push(images.map(|i| i.len()));
+        }
+        assert_eq!(converted[0], Ok(1));
+        assert_eq!(
+            converted[1],
+            Err("burned-in annotation (0028,0301) YES".to_string())
+        );
+    }
 
     #[test]
     fn date_pages_cover_the_window() {
