@@ -120,6 +120,18 @@ impl Index {
                     Ok(())
                 })
             })
+            .after_release(|conn, _meta| {
+                Box::pin(async move {
+                    // A transaction dropped after an error (a full disk: SQLITE_FULL) is
+                    // rolled back by a queued ROLLBACK; the ping waits for it. If SQLite had
+                    // already rolled back by itself, that ROLLBACK fails and the connection
+                    // still counts itself inside a transaction: its next `begin` would open a
+                    // SAVEPOINT, whose rollback keeps the write lock, and every later write
+                    // would wait out the busy timeout. Such a connection is closed instead.
+                    sqlx::Connection::ping(&mut *conn).await?;
+                    Ok(!sqlx::Connection::is_in_transaction(&*conn))
+                })
+            })
             .connect_with(options)
             .await?;
         Ok(Index { pool, backend })
