@@ -11,6 +11,7 @@ pub mod classify_cli;
 pub mod config;
 pub mod dataset;
 pub mod dimse;
+pub mod error_text;
 pub mod eval;
 pub mod forward;
 pub mod index;

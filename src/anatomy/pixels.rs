@@ -25,6 +25,8 @@ use std::path::{Path, PathBuf};
 
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 
+use crate::error_text::error_chain;
+
 pub use geometry::{canonical_orientation, pad_to_square, resize, AxialFlips};
 
 /// HU written where there is no patient: padding pixels, and the border added to make
@@ -237,18 +239,6 @@ fn stored_value(raw: u64, bits_stored: u16, signed: bool) -> i64 {
     } else {
         value
     }
-}
-
-/// An error and its sources on one line (dicom-rs errors keep the useful part in sources).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -119,7 +119,7 @@ pub fn encode_response_with(request: &Request, status: &Status, has_dataset: boo
 }
 
 /// Serialise a command set, with its group length first (PS3.7 6.3.1).
-fn encode_command(elements: Vec<DataElement<InMemDicomObject>>) -> Vec<u8> {
+pub(crate) fn encode_command(elements: Vec<DataElement<InMemDicomObject>>) -> Vec<u8> {
     let obj = InMemDicomObject::from_element_iter(elements);
     let mut body = Vec::with_capacity(256);
     if let Some(ts) = TransferSyntaxRegistry.get(IMPLICIT_VR_LE) {

@@ -22,6 +22,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::dimse::status::Status;
+use crate::error_text::error_chain;
+use crate::store::layout::trim_uid;
 
 pub const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 pub const EXPLICIT_VR_LE: &str = "1.2.840.10008.1.2.1";
@@ -302,8 +304,8 @@ impl Association {
             .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
             .map(|pc| Accepted {
                 id: pc.id,
-                abstract_syntax: trim(&pc.abstract_syntax),
-                transfer_syntax: trim(&pc.transfer_syntax),
+                abstract_syntax: trim_uid(&pc.abstract_syntax).to_string(),
+                transfer_syntax: trim_uid(&pc.transfer_syntax).to_string(),
             })
             .collect();
         let max_data = (assoc.acceptor_max_pdu_length() as usize)
@@ -470,21 +472,6 @@ impl Association {
     pub async fn abort(self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.assoc.abort()).await;
     }
-}
-
-fn trim(uid: &str) -> String {
-    uid.trim_end_matches(['\0', ' ']).to_string()
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 fn negotiation_error(

@@ -24,7 +24,9 @@ use tokio::net::TcpStream;
 use super::spool::{Incoming, Spool};
 use crate::dimse::command::{self, Request};
 use crate::dimse::status::Status;
+use crate::error_text::error_chain;
 use crate::forward::scu::{EXPLICIT_VR_LE, IMPLICIT_VR_LE};
+use crate::store::layout::trim_uid;
 
 pub const STUDY_ROOT_FIND: &str = uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND;
 pub const STUDY_ROOT_MOVE: &str = uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_MOVE;
@@ -212,8 +214,8 @@ impl QrAssociation {
             .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
             .map(|pc| Context {
                 id: pc.id,
-                abstract_syntax: trim(&pc.abstract_syntax),
-                transfer_syntax: trim(&pc.transfer_syntax),
+                abstract_syntax: trim_uid(&pc.abstract_syntax).to_string(),
+                transfer_syntax: trim_uid(&pc.transfer_syntax).to_string(),
             })
             .collect();
         if !contexts.iter().any(|c| c.abstract_syntax == model) {
@@ -650,17 +652,7 @@ fn request_command(
             PrimitiveValue::from(destination),
         ));
     }
-    let obj = InMemDicomObject::from_element_iter(elements);
-    let mut body = Vec::with_capacity(256);
-    if let Some(ts) = TransferSyntaxRegistry.get(IMPLICIT_VR_LE) {
-        // A handful of small, valid elements into memory: this does not fail.
-        let _ = obj.write_dataset_with_ts(&mut body, ts);
-    }
-    let mut out = Vec::with_capacity(body.len() + 12);
-    out.extend_from_slice(&[0, 0, 0, 0, 4, 0, 0, 0]);
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
-    out
+    command::encode_command(elements)
 }
 
 /// An identifier in the presentation context's transfer syntax.
@@ -680,21 +672,6 @@ pub fn decode(bytes: &[u8], ts_uid: &str) -> Result<InMemDicomObject, QrError> {
         .ok_or_else(|| QrError::Protocol(format!("transfer syntax {ts_uid} unknown")))?;
     InMemDicomObject::read_dataset_with_ts(bytes, ts)
         .map_err(|e| QrError::Protocol(format!("an identifier cannot be parsed: {e}")))
-}
-
-fn trim(uid: &str) -> String {
-    uid.trim_end_matches(['\0', ' ']).to_string()
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 #[cfg(test)]
