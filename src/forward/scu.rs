@@ -174,7 +174,7 @@ impl ScuError {
     }
 }
 
-/// A destination, as the SCU needs it.
+/// A remote AE, as an SCU needs it (a forwarding destination, the archive `mine` reads).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub ae_title: String,
@@ -195,6 +195,28 @@ pub struct Accepted {
     pub id: u8,
     pub abstract_syntax: String,
     pub transfer_syntax: String,
+}
+
+/// The presentation contexts the peer accepted, with their UIDs unpadded.
+pub(crate) fn accepted_contexts(assoc: &AsyncClientAssociation<TcpStream>) -> Vec<Accepted> {
+    assoc
+        .presentation_contexts()
+        .iter()
+        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .map(|pc| Accepted {
+            id: pc.id,
+            abstract_syntax: trim_uid(&pc.abstract_syntax).to_string(),
+            transfer_syntax: trim_uid(&pc.transfer_syntax).to_string(),
+        })
+        .collect()
+}
+
+/// The largest PDV value per P-DATA-TF the peer takes (its max PDU less the PDV header),
+/// kept between 1 KiB and 4 MiB whatever it announced.
+pub(crate) fn max_pdv_data(assoc: &AsyncClientAssociation<TcpStream>) -> usize {
+    (assoc.acceptor_max_pdu_length() as usize)
+        .saturating_sub(6)
+        .clamp(1024, 4 * 1024 * 1024)
 }
 
 /// The bytes of one data set: `head` in memory, then optionally the rest of a file.
@@ -298,19 +320,8 @@ impl Association {
         if let Err(e) = assoc.inner_stream().set_nodelay(true) {
             tracing::warn!(error = %e, "cannot set TCP_NODELAY on the association");
         }
-        let contexts = assoc
-            .presentation_contexts()
-            .iter()
-            .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
-            .map(|pc| Accepted {
-                id: pc.id,
-                abstract_syntax: trim_uid(&pc.abstract_syntax).to_string(),
-                transfer_syntax: trim_uid(&pc.transfer_syntax).to_string(),
-            })
-            .collect();
-        let max_data = (assoc.acceptor_max_pdu_length() as usize)
-            .saturating_sub(6)
-            .clamp(1024, 4 * 1024 * 1024);
+        let contexts = accepted_contexts(&assoc);
+        let max_data = max_pdv_data(&assoc);
         Ok(Association {
             assoc,
             contexts,

@@ -17,7 +17,7 @@ use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use dicom_ul::association::client::ClientAssociationOptions;
 use dicom_ul::association::AsyncClientAssociation;
-use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use dicom_ul::pdu::{PDataValue, PDataValueType};
 use dicom_ul::Pdu;
 use tokio::net::TcpStream;
 
@@ -25,8 +25,10 @@ use super::spool::{Incoming, Spool};
 use crate::dimse::command::{self, Request};
 use crate::dimse::status::Status;
 use crate::error_text::error_chain;
-use crate::forward::scu::{EXPLICIT_VR_LE, IMPLICIT_VR_LE};
-use crate::store::layout::trim_uid;
+use crate::forward::scu::{
+    accepted_contexts, max_pdv_data, Accepted, EXPLICIT_VR_LE, IMPLICIT_VR_LE,
+};
+pub use crate::forward::scu::{Peer, Timeouts};
 
 pub const STUDY_ROOT_FIND: &str = uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND;
 pub const STUDY_ROOT_MOVE: &str = uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_MOVE;
@@ -93,20 +95,6 @@ pub enum QrError {
     Spool(std::io::Error),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer {
-    pub ae_title: String,
-    pub host: String,
-    pub port: u16,
-    pub calling_ae_title: String,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct Timeouts {
-    pub connect: Duration,
-    pub dimse: Duration,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
     Find,
@@ -123,15 +111,9 @@ pub struct SubOperations {
     pub status: u16,
 }
 
-struct Context {
-    id: u8,
-    abstract_syntax: String,
-    transfer_syntax: String,
-}
-
 pub struct QrAssociation {
     assoc: AsyncClientAssociation<TcpStream>,
-    contexts: Vec<Context>,
+    contexts: Vec<Accepted>,
     next_message_id: u16,
     timeout: Duration,
     max_data: usize,
@@ -208,23 +190,12 @@ impl QrAssociation {
         if let Err(e) = assoc.inner_stream().set_nodelay(true) {
             tracing::warn!(error = %e, "cannot set TCP_NODELAY on the association");
         }
-        let contexts: Vec<Context> = assoc
-            .presentation_contexts()
-            .iter()
-            .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
-            .map(|pc| Context {
-                id: pc.id,
-                abstract_syntax: trim_uid(&pc.abstract_syntax).to_string(),
-                transfer_syntax: trim_uid(&pc.transfer_syntax).to_string(),
-            })
-            .collect();
+        let contexts = accepted_contexts(&assoc);
         if !contexts.iter().any(|c| c.abstract_syntax == model) {
             let _ = assoc.abort().await;
             return Err(QrError::NotAccepted(model.to_string()));
         }
-        let max_data = (assoc.acceptor_max_pdu_length() as usize)
-            .saturating_sub(6)
-            .clamp(1024, 4 * 1024 * 1024);
+        let max_data = max_pdv_data(&assoc);
         Ok(QrAssociation {
             assoc,
             contexts,
