@@ -683,6 +683,34 @@ fn the_same_rows_and_labels_by_c_move_c_get_and_dicomweb() {
             }
         }
 
+        // The next run finds every study unchanged: the RIS rows it mined are not looked
+        // for again, and that does not make the studies look changed (it once did, and every
+        // study labelled image by image was queried again once).
+        if retrieve == "get" {
+            let manifest_before = std::fs::read(out.join("manifest.csv")).expect("manifest");
+            assert_exit(&mine(&config, &out, &[]), 0);
+            let st = stats(&out);
+            assert_eq!(
+                (
+                    st["studies_unchanged"].as_u64(),
+                    st["studies_mined"].as_u64(),
+                    st["rows_added"].as_u64()
+                ),
+                (Some(4), Some(0), Some(0)),
+                "{st}"
+            );
+            assert_eq!(
+                st["timing"]["archive_requests"], 2,
+                "one C-FIND of the studies, one for the RIS rows not mined (not in the \
+                 archive, or conflicting): {st}"
+            );
+            assert_eq!(st["ris"]["rows mined before"], 3, "{st}");
+            assert_eq!(
+                std::fs::read(out.join("manifest.csv")).expect("manifest"),
+                manifest_before
+            );
+        }
+
         // The three ways give the same dataset: rows (keys, splits, names) and pixels.
         match &first {
             None => first = Some((rows, images)),

@@ -42,7 +42,8 @@ impl Miner {
             self.keyer
                 .patient(&patient_id, &study.text(tags::ISSUER_OF_PATIENT_ID))
         });
-        let fingerprint = self.fingerprint(uid, study, patient.as_ref(), &predictions);
+        let pseudo = self.pseudo_fingerprint(&predictions);
+        let fingerprint = self.fingerprint(uid, study, patient.as_ref(), &pseudo, &BTreeSet::new());
         if self.settled_before(uid, &fingerprint).await? {
             return Ok(());
         }
@@ -80,6 +81,18 @@ impl Miner {
         for f in &failures {
             self.error(format!("study {uid}: {f}"));
         }
+        // The study as the next run will see it: RIS image rows mined before are not looked
+        // for again (`locate_ris`), so the images mined now leave its fingerprint; else every
+        // study labelled image by image would be looked at (and retrieved from) again once.
+        let fingerprint = if rows.is_empty() {
+            fingerprint
+        } else {
+            let mined_now: BTreeSet<&str> = rows
+                .iter()
+                .map(|r| r.row.sop_instance_uid.as_str())
+                .collect();
+            self.fingerprint(uid, study, Some(&patient), &pseudo, &mined_now)
+        };
         self.commit(uid, &fingerprint, failed.as_deref(), rows)
             .await?;
         let mut stats = self.stats();
@@ -207,12 +220,15 @@ impl Miner {
     }
 
     /// The study as this run sees it: a change in any part makes the next run look again.
+    /// `pseudo` is [`Self::pseudo_fingerprint`] of its predictions; RIS image rows of
+    /// `mined_now` are left out, as the next run leaves out the rows mined before.
     fn fingerprint(
         &self,
         uid: &str,
         study: &Answer,
         patient: Option<&Patient>,
-        predictions: &[labels::Prediction],
+        pseudo: &[String],
+        mined_now: &BTreeSet<&str>,
     ) -> String {
         // The patient enters as its keyed key: the index never holds an unkeyed hash of
         // a Patient ID, which a dictionary of IDs would reverse.
@@ -222,19 +238,26 @@ impl Miner {
             study.text(tags::NUMBER_OF_STUDY_RELATED_SERIES),
             study.text(tags::ACCESSION_NUMBER),
             patient.map(|p| p.0.clone()).unwrap_or_default(),
-            sha(&self.ris_fingerprint(uid, study).join(",")),
-            sha(&self.pseudo_fingerprint(predictions).join(",")),
+            sha(&self.ris_fingerprint(uid, study, mined_now).join(",")),
+            sha(&pseudo.join(",")),
         ];
         sha(&parts.join("|"))
     }
 
-    /// Every RIS row that concerns the study, in a stable order.
-    fn ris_fingerprint(&self, uid: &str, study: &Answer) -> Vec<String> {
+    /// Every RIS row that concerns the study, in a stable order (image rows not mined
+    /// before this run, less those of `mined_now`).
+    fn ris_fingerprint(
+        &self,
+        uid: &str,
+        study: &Answer,
+        mined_now: &BTreeSet<&str>,
+    ) -> Vec<String> {
         let mut ris: Vec<String> = self
             .ris_by_study
             .get(uid)
             .map(|c| {
                 c.iter()
+                    .filter(|c| !mined_now.contains(c.sop_instance_uid.as_str()))
                     .map(|c| format!("{}={:?}", c.sop_instance_uid, c.label))
                     .collect()
             })
