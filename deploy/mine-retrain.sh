@@ -86,8 +86,9 @@
 # Reports: $REPORTS/<run id>/ (run id = UTC time, e.g. 20261128T020000Z; `latest` links to
 # the newest): decision.json (outcome, exit code, reason, mine exit code and meaning, dataset
 # and test-split counts, both models' headline figures, backup path, reload result),
-# summary.txt (the same in a few lines, also printed on stdout), mine.log and mine.json (the
-# dataset's mine.json after the run, when mine wrote one), pack.log,
+# summary.txt (the same in a few lines, also printed on stdout), mine.log and mine.json (mine's
+# report of this run, the dataset's reports/mine-<run>.json, when mine wrote one; decision.json
+# carries it as mine.report, its rows_added as mine.rows_added), pack.log,
 # train.log, export.log, train/ (config.json, metrics.json, history.jsonl, model.pt),
 # candidate.onnx (when trained here), eval-current/ and eval-candidate/ (metrics.json,
 # predictions.csv, plots of `anatomy-node eval`).
@@ -290,8 +291,12 @@ if e["R_MINE_EXIT"]:
         mine["summary"] = lines[-10:]
     except OSError:
         pass
-    if load("mine.json") is not None:
-        mine["report"] = load("mine.json")
+    mine_report = load("mine.json")
+    if isinstance(mine_report, dict):
+        mine["report"] = mine_report
+        stats = (mine_report.get("report") or {}).get("stats") or {}
+        if "rows_added" in stats:
+            mine["rows_added"] = stats["rows_added"]
 report = {
     "format": "anatomy-node-retrain/1",
     "run_id": e["R_RUN_ID"],
@@ -365,6 +370,11 @@ stop() {
 }
 
 # --- 1. mine --------------------------------------------------------------------------------
+# The name of the newest report `mine` kept in the dataset (reports/mine-<run>.json), if any.
+newest_mine_report() {
+    { find "$DATASET/reports" -maxdepth 1 -type f -name 'mine-*.json' -printf '%f\n' 2>/dev/null ||
+        true; } | sort -V | tail -n 1
+}
 if [[ "$SKIP_MINE" == 1 ]]; then
     log "mine: skipped (--skip-mine), dataset $DATASET"
 else
@@ -374,10 +384,15 @@ else
     [[ -n "$SINCE" ]] && args+=(--since "$SINCE")
     [[ -n "$UNTIL" ]] && args+=(--until "$UNTIL")
     rc=0
+    report_before=$(newest_mine_report)
     "$ANATOMY_NODE" "${args[@]}" >"$RUN_DIR/mine.log" 2>&1 9>&- || rc=$?
     R_MINE_EXIT=$rc
-    # mine's own report of the run (counts, timing), when it wrote one.
-    [[ -f "$DATASET/mine.json" ]] && { cp "$DATASET/mine.json" "$RUN_DIR/mine.json" || true; }
+    # mine's own report of this run (counts, timing), when it wrote one: a report newer than
+    # the newest before the run (the dataset's mine.json only ties the folder to the index).
+    report_after=$(newest_mine_report)
+    if [[ -n "$report_after" && "$report_after" != "$report_before" ]]; then
+        cp "$DATASET/reports/$report_after" "$RUN_DIR/mine.json" || true
+    fi
     case "$rc" in
         0) log "mine: complete" ;;
         75)
