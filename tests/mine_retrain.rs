@@ -14,7 +14,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::orthanc::{Orthanc, OrthancOptions};
 use serde_json::Value;
@@ -39,39 +39,6 @@ const CASES: [&str; 8] = [
 ];
 const TEST_PATIENTS: [&str; 2] = ["okbp-pt2", "sts-026"];
 const IMAGE_SIZE: u64 = 64;
-
-/// Every variable the script reads, so that nothing from the caller's environment leaks in.
-const SCRIPT_VARS: &[&str] = &[
-    "CONFIG",
-    "DATASET",
-    "MODEL",
-    "REPORTS",
-    "CANDIDATE",
-    "SKIP_MINE",
-    "ALLOW_PARTIAL",
-    "SINCE",
-    "UNTIL",
-    "FORCE",
-    "RELOAD_CMD",
-    "ANATOMY_REPO",
-    "PY",
-    "PYTHON3",
-    "DEVICE",
-    "SEED",
-    "EPOCHS",
-    "PATIENCE",
-    "THREADS",
-    "TRAIN_ARGS",
-    "VERSION_PREFIX",
-    "WORK",
-    "EVAL_DEVICE",
-    "EVAL_THREADS",
-    "MIN_TEST_IMAGES",
-    "MIN_TEST_PATIENTS",
-    "AUC_MARGIN",
-    "KEEP_REPORTS",
-    "LOCK_FILE",
-];
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -113,11 +80,7 @@ fn case_files(data: &Path, case: &str) -> Vec<PathBuf> {
 }
 
 fn wrapper(config: &Path, site: &Path, python: &Path) -> Output {
-    let mut cmd = Command::new("bash");
-    cmd.arg(root().join("deploy/mine-retrain.sh"));
-    for var in SCRIPT_VARS {
-        cmd.env_remove(var);
-    }
+    let mut cmd = common::retrain::command(&[]);
     cmd.env_remove("RUST_LOG")
         .env("ANATOMY_NODE", env!("CARGO_BIN_EXE_anatomy-node"))
         .env("EVAL_THREADS", "1")

@@ -20,39 +20,6 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
-/// Every variable the script reads, so that nothing from the caller's environment leaks in.
-const SCRIPT_VARS: &[&str] = &[
-    "CONFIG",
-    "DATASET",
-    "MODEL",
-    "REPORTS",
-    "CANDIDATE",
-    "SKIP_MINE",
-    "ALLOW_PARTIAL",
-    "SINCE",
-    "UNTIL",
-    "FORCE",
-    "RELOAD_CMD",
-    "ANATOMY_REPO",
-    "PY",
-    "PYTHON3",
-    "DEVICE",
-    "SEED",
-    "EPOCHS",
-    "PATIENCE",
-    "THREADS",
-    "TRAIN_ARGS",
-    "VERSION_PREFIX",
-    "WORK",
-    "EVAL_DEVICE",
-    "EVAL_THREADS",
-    "MIN_TEST_IMAGES",
-    "MIN_TEST_PATIENTS",
-    "AUC_MARGIN",
-    "KEEP_REPORTS",
-    "LOCK_FILE",
-];
-
 /// The documented exit codes (the script's header).
 const PROMOTED: i32 = 0;
 const FAILED: i32 = 1;
@@ -67,10 +34,6 @@ const LOCKED: i32 = 75;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn script() -> PathBuf {
-    root().join("deploy/mine-retrain.sh")
 }
 
 /// The cases of tests/training.rs: a few patients of every class, so the patient split with
@@ -210,11 +173,7 @@ impl Site {
 
     /// The wrapper with `args`, the test defaults and `env`.
     fn run(&self, dataset: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut cmd = Command::new("bash");
-        cmd.arg(script());
-        for var in SCRIPT_VARS {
-            cmd.env_remove(var);
-        }
+        let mut cmd = common::retrain::command(&[]);
         cmd.env_remove("RUST_LOG")
             .env("ANATOMY_NODE", env!("CARGO_BIN_EXE_anatomy-node"))
             .env("EVAL_THREADS", "1")
@@ -549,11 +508,7 @@ fn an_overlapping_run_exits_locked_and_does_nothing() {
     std::fs::create_dir_all(site.reports()).unwrap();
     let lock = site.reports().join("mine-retrain.lock");
     // flock(1) holds the lock while the wrapper runs under it, as an overlapping run would.
-    let mut cmd = Command::new("flock");
-    cmd.arg(&lock).arg("bash").arg(script());
-    for var in SCRIPT_VARS {
-        cmd.env_remove(var);
-    }
+    let mut cmd = common::retrain::command(&["flock".as_ref(), lock.as_os_str()]);
     let out = cmd
         .env("ANATOMY_NODE", env!("CARGO_BIN_EXE_anatomy-node"))
         .args(["--skip-mine", "--candidate", s(&f.good), "--dataset"])
@@ -738,12 +693,12 @@ fn the_training_stage_trains_stamps_and_decides_by_the_rule() {
 fn the_script_parses_and_passes_shellcheck() {
     let out = Command::new("bash")
         .arg("-n")
-        .arg(script())
+        .arg(common::retrain::script())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", common::text(&out));
     let help = Command::new("bash")
-        .arg(script())
+        .arg(common::retrain::script())
         .arg("--help")
         .output()
         .unwrap();
@@ -756,7 +711,10 @@ fn the_script_parses_and_passes_shellcheck() {
     ] {
         assert!(help.contains(line), "--help documents `{line}`:\n{help}");
     }
-    match Command::new("shellcheck").arg(script()).output() {
+    match Command::new("shellcheck")
+        .arg(common::retrain::script())
+        .output()
+    {
         Ok(out) => assert!(out.status.success(), "shellcheck:\n{}", common::text(&out)),
         Err(_) => eprintln!("NOTE: shellcheck is not installed; only `bash -n` checked"),
     }

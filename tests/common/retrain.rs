@@ -1,0 +1,60 @@
+//! deploy/mine-retrain.sh as the tests run it.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Every variable the script reads, so that nothing from the caller's environment leaks in.
+pub const SCRIPT_VARS: &[&str] = &[
+    "CONFIG",
+    "DATASET",
+    "MODEL",
+    "REPORTS",
+    "CANDIDATE",
+    "SKIP_MINE",
+    "ALLOW_PARTIAL",
+    "SINCE",
+    "UNTIL",
+    "FORCE",
+    "RELOAD_CMD",
+    "ANATOMY_REPO",
+    "PY",
+    "PYTHON3",
+    "DEVICE",
+    "SEED",
+    "EPOCHS",
+    "PATIENCE",
+    "THREADS",
+    "TRAIN_ARGS",
+    "VERSION_PREFIX",
+    "WORK",
+    "EVAL_DEVICE",
+    "EVAL_THREADS",
+    "MIN_TEST_IMAGES",
+    "MIN_TEST_PATIENTS",
+    "AUC_MARGIN",
+    "KEEP_REPORTS",
+    "LOCK_FILE",
+];
+
+/// The wrapper script.
+pub fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/mine-retrain.sh")
+}
+
+/// `prefix... bash deploy/mine-retrain.sh` with none of the script's variables inherited.
+pub fn command(prefix: &[&std::ffi::OsStr]) -> Command {
+    let (program, rest) = match prefix.split_first() {
+        Some((p, rest)) => (*p, rest),
+        None => (std::ffi::OsStr::new("bash"), &[][..]),
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(rest);
+    if !prefix.is_empty() {
+        cmd.arg("bash");
+    }
+    cmd.arg(script());
+    for var in SCRIPT_VARS {
+        cmd.env_remove(var);
+    }
+    cmd
+}
