@@ -406,7 +406,13 @@ fn beyond_max_associations_the_rejection_is_transient() {
         max_associations: 1,
         ..NodeOptions::default()
     });
-    let scu = Scu::ct(node.dicom_port);
+    // The readiness probe's TCP connection may still hold the only slot for a moment.
+    let mut held = None;
+    common::wait_until(5, || {
+        held = Scu::connect(node.dicom_port, "TESTSCU", &[(CT, EXPLICIT)]).ok();
+        held.is_some()
+    });
+    let scu = held.expect("the single slot frees up after the readiness probe");
     let out = node.echoscu("ECHOSCU", "ANATOMY");
     assert!(!out.status.success());
     let text = common::text(&out);
