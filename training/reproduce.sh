@@ -21,11 +21,8 @@ RUN=${RUN:-training/runs/shipped}
 OUT=${OUT:-models}
 PY=${PY:-training/.venv/bin/python}
 DEVICE=${DEVICE:-cpu}
-# The shipped choices (see models/README.md for why):
-SIZE=192             # input side: ~3.5x faster than the 256 px ResNet-18 on 2 CPU cores (card)
-SEED=2015            # the project's seed: patient split, weights, sampling, augmentation
-SPLIT=60,20,20       # patients train,val,test: >= 2 liver and 3 pelvis patients held out
-VERSION=anatomy-convnet-2026.11.1
+# The shipped choices (SIZE, SEED, SPLIT, VERSION, SHIPPED_TRAIN_ARGS; models/README.md says why):
+. training/shipped-recipe.sh
 
 if [ -z "${ANATOMY_NODE:-}" ]; then
     cargo build --release
@@ -40,11 +37,8 @@ mkdir -p "$RUN" "$OUT"
     --size "$SIZE" --seed "$SEED" --split "$SPLIT"
 "$PY" -m training pack "$DS" "$RUN/dataset.npz"
 
-# All options not given keep the defaults of `train --help` (they are also written to
-# $RUN/train/config.json); the shipped choices are spelled out.
 "$PY" -m training train --data "$RUN/dataset.npz" --out "$RUN/train" --device "$DEVICE" \
-    --seed "$SEED" --width 32 --blocks 1,1,1,1 --epochs 40 --patience 15 --threads 2 \
-    --pair-p 0.5 --pair-classes legs,pelvis --model-version "$VERSION" 2>&1 | tee "$RUN/train.log"
+    "${SHIPPED_TRAIN_ARGS[@]}" --model-version "$VERSION" 2>&1 | tee "$RUN/train.log"
 
 "$PY" -m training export "$RUN/train/model.pt" "$OUT/anatomy.onnx" --model-version "$VERSION"
 

@@ -6,7 +6,7 @@ import torch
 
 from training import data, metrics, nonaxial
 from training.augment import AIR_HU, AugmentConfig, body_fill, pair_composite
-from training.tools import card_metrics, hold_out
+from training.tools import card_metrics, hold_out, lso_table
 
 
 def _crop(n=3, size=48):
@@ -92,3 +92,32 @@ def test_hold_out_moves_a_subject(synthetic_dataset, tmp_path):
     key = hold_out.patient_key("synthetic-0")
     assert (a.split[a.patient_key == key] == "train").all() and (b.split[b.patient_key == key] == "test").all()
     assert np.array_equal(a.split[a.patient_key != key], b.split[b.patient_key != key])
+
+
+def test_hold_out_a_source_leaves_it_alone_in_test(synthetic_dataset, tmp_path):
+    src = data.pack(synthetic_dataset, tmp_path / "a.npz")
+    labels = tmp_path / "labels.csv"
+    # synthetic-11 is not in this labels.csv: the prefix picks synthetic-1 (train) and -10 (test)
+    labels.write_text("case_id,label\n" + "".join(f"synthetic-{p},neck\n" for p in range(11)))
+    hold_out.main([str(src), str(tmp_path / "b.npz"), "--source", "synthetic-1", "--labels", str(labels),
+                   "--to", "test", "--rest-to", "train"])
+    a, b = data.load(src), data.load(tmp_path / "b.npz")
+    key = {p: hold_out.patient_key(f"synthetic-{p}") for p in (1, 10, 11)}
+    assert set(b.patient_key[b.split == "test"]) == {key[1], key[10]}
+    assert (a.split[a.patient_key == key[11]] == "test").all() and (b.split[b.patient_key == key[11]] == "train").all()
+    assert np.array_equal(a.split[a.split == "val"], b.split[a.split == "val"])
+
+
+def test_lso_table_counts_the_errors_of_each_left_out_source(tmp_path, capsys):
+    run = tmp_path / "ctmed" / "train"
+    run.mkdir(parents=True)
+    classes = ["neck", "lungs", "liver", "other"]
+    (run / "config.json").write_text(json.dumps({"classes": classes}))
+    report = {"images": 10, "error": 0.3, "mean_auc": 0.9, "auc": {"neck": float("nan"), "lungs": 0.9},
+              "confusion": [[0, 0, 0, 0], [0, 6, 1, 1], [0, 0, 1, 0], [0, 1, 0, 0]]}
+    (run / "metrics.json").write_text(json.dumps({"test": report}))
+    assert lso_table.main([str(tmp_path), "ctmed", "sts"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == ("| ctmed | 10 | 30.0 % (3) | 0.9000 (1 classes) | "
+                      "lungs 2/8 (1 liver, 1 other); liver 0/1; other 1/1 (1 lungs) |")
+    assert out[3].startswith("| sts | no run at ")

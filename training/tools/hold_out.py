@@ -1,6 +1,7 @@
 """Copy a packed dataset (.npz) with some subjects moved to another split: a diagnostic.
 
     python training/tools/hold_out.py IN.npz OUT.npz --subjects vhp-female --to test
+    python training/tools/hold_out.py IN.npz OUT.npz --source okbp- --labels L.csv --rest-to train
 
 Subjects are named by their source id (the `case_id` of labels.csv); the dataset holds only
 their anonymised `patient_key` (hex SHA-256 prefix, docs/contracts.md), which is recomputed here.
@@ -8,10 +9,16 @@ Used for the model card's leave-one-subject-out check: vhp-female is the only su
 full-field legs, so whether a model recognises such legs without having seen them can only be
 measured by training once without it. Never used for the shipped model, whose split is the
 Rust builder's.
+
+Leave-source-out: `--source PREFIX` takes every subject of labels.csv whose case_id starts with
+PREFIX (one public source: okbp-, ctmed-, sts-, vhp-); with `--rest-to train` the subjects that
+were in the target split before move to train, so the target split holds that source alone and
+its figures are those of a source the model never saw.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 from pathlib import Path
@@ -23,25 +30,48 @@ def patient_key(subject_id: str) -> str:
     return hashlib.sha256(subject_id.encode()).hexdigest()[:16]
 
 
+def source_subjects(labels: Path, prefixes: tuple[str, ...]) -> set[str]:
+    with labels.open(newline="") as f:
+        return {row["case_id"] for row in csv.DictReader(f) if row["case_id"].startswith(prefixes)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="packed dataset (.npz from `python -m training pack`)")
     p.add_argument("dst", help="output .npz")
-    p.add_argument("--subjects", required=True, help="comma-separated subject ids (labels.csv case_id)")
+    p.add_argument("--subjects", default="", help="comma-separated subject ids (labels.csv case_id)")
+    p.add_argument("--source", default="", help="comma-separated case_id prefixes; needs --labels")
+    p.add_argument("--labels", help="labels.csv naming the subjects (for --source)")
     p.add_argument("--to", default="test", choices=("train", "val", "test"), help="split to move them to")
+    p.add_argument(
+        "--rest-to",
+        choices=("train", "val", "test"),
+        help="move the subjects already in the --to split here, so it holds only the moved ones",
+    )
     a = p.parse_args(argv)
+    subjects = [s.strip() for s in a.subjects.split(",") if s.strip()]
+    prefixes = tuple(s.strip() for s in a.source.split(",") if s.strip())
+    if prefixes:
+        if not a.labels:
+            raise SystemExit("--source needs --labels (the labels.csv with the case_id column)")
+        subjects += sorted(source_subjects(Path(a.labels), prefixes))
+    if not subjects:
+        raise SystemExit("name the subjects to move: --subjects or --source")
     with np.load(a.src, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
-    keys = {patient_key(s.strip()): s.strip() for s in a.subjects.split(",") if s.strip()}
+    keys = {patient_key(s): s for s in subjects}
     moved = np.isin(arrays["patient_key"], list(keys))
     missing = sorted(s for k, s in keys.items() if not (arrays["patient_key"] == k).any())
     if missing:
         raise SystemExit(f"not in {a.src}: {missing}")
     split = arrays["split"].astype(object)
+    if a.rest_to:
+        split[(split == a.to) & ~moved] = a.rest_to
     split[moved] = a.to
     arrays["split"] = split.astype(arrays["split"].dtype)
     info = json.loads(str(arrays["dataset_json"]))
-    info["name"] = f"{info.get('name', 'dataset')} ({', '.join(keys.values())} moved to {a.to})"
+    what = ", ".join(p + "*" for p in prefixes) if prefixes else ", ".join(keys.values())
+    info["name"] = f"{info.get('name', 'dataset')} ({what} moved to {a.to})"
     arrays["dataset_json"] = np.array(json.dumps(info))
     Path(a.dst).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(a.dst, **arrays)
