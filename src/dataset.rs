@@ -42,10 +42,18 @@ pub struct BuildOptions {
     pub out: PathBuf,
     /// Side `S` of the square images.
     pub size: usize,
+    /// See `pixels::Preprocessing::field_of_view_mm`.
+    pub field_of_view_mm: Option<f64>,
     pub ratios: SplitRatios,
     pub seed: u64,
     /// Conversion threads; all cores when `None`.
     pub threads: Option<usize>,
+}
+
+impl BuildOptions {
+    fn preprocessing(&self) -> Preprocessing {
+        Preprocessing::new(self.size).with_field_of_view(self.field_of_view_mm)
+    }
 }
 
 /// A listed file that is not in the dataset, and why.
@@ -128,6 +136,14 @@ fn check_options(options: &BuildOptions) -> Result<(), DatasetError> {
             options.size,
             SIZE_RANGE.start(),
             SIZE_RANGE.end()
+        )));
+    }
+    if let Some(mm) = options
+        .field_of_view_mm
+        .filter(|mm| !(10.0..=2000.0).contains(mm))
+    {
+        return Err(DatasetError::InvalidOption(format!(
+            "--field-of-view {mm} is outside 10..=2000 mm"
         )));
     }
     if options.threads == Some(0) {
@@ -280,7 +296,7 @@ fn convert_one(
             frames.len()
         ));
     };
-    let hu = pixels::preprocess(frame, &Preprocessing::new(options.size));
+    let hu = pixels::preprocess(frame, &options.preprocessing());
     let path = options.out.join(&planned.image);
     write::write_png(&path, options.size, &hu).map_err(io_error("writing", &path))?;
     Ok(Ok(ManifestRow {
@@ -337,6 +353,7 @@ fn dataset_json(options: &BuildOptions, summary: &BuildSummary) -> serde_json::V
     json!({
         "format": FORMAT,
         "input_size": options.size,
+        "field_of_view_mm": options.field_of_view_mm,
         "hu_offset": HU_OFFSET,
         "images": summary.images,
         "patients": summary.patients,
@@ -349,7 +366,7 @@ fn dataset_json(options: &BuildOptions, summary: &BuildSummary) -> serde_json::V
         "labels_file": options.labels.file_name().map(|n| n.to_string_lossy().into_owned()),
         "preprocessing": {
             "implementation": "anatomy::pixels",
-            "axial_tolerance_deg": Preprocessing::new(options.size).axial_tolerance_deg,
+            "axial_tolerance_deg": options.preprocessing().axial_tolerance_deg,
             "pad_hu": pixels::AIR_HU,
         },
         "created_by": concat!("anatomy-node ", env!("CARGO_PKG_VERSION")),
@@ -416,6 +433,11 @@ pub struct BuildArgs {
     /// Side of the square images, the model's input size.
     #[arg(long, default_value_t = 256)]
     pub size: usize,
+    /// Millimetres the image spans around its centre, whatever the scanner's field of view
+    /// (the model then records it as `field_of_view_mm`). Not given: each image is fitted
+    /// whole, as the shipped model's first release was trained.
+    #[arg(long = "field-of-view", value_name = "MM")]
+    pub field_of_view_mm: Option<f64>,
     /// Shares of patients for train,val,test.
     #[arg(long, default_value = "70,15,15")]
     pub split: SplitRatios,
@@ -434,6 +456,7 @@ impl From<BuildArgs> for BuildOptions {
             labels: args.labels,
             out: args.out,
             size: args.size,
+            field_of_view_mm: args.field_of_view_mm,
             ratios: args.split,
             seed: args.seed,
             threads: args.threads,

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anatomy_node::anatomy::pixels::{hu_frames, to_model_input};
+use anatomy_node::anatomy::pixels::{hu_frames, preprocess, Preprocessing};
 use anatomy_node::dataset::{
     build, patient_key, read_png_hu, BuildOptions, DatasetError, SplitRatios, LABELS,
 };
@@ -23,6 +23,7 @@ fn options(from: &Path, labels: &Path, out: &Path, size: usize) -> BuildOptions 
         labels: labels.to_path_buf(),
         out: out.to_path_buf(),
         size,
+        field_of_view_mm: None,
         ratios: SplitRatios::default(),
         seed: 7,
         threads: Some(2),
@@ -71,6 +72,11 @@ fn read_csv(path: &Path) -> Vec<HashMap<String, String>> {
 
 /// Every manifest image equals the model input of its source file, HU rounded.
 fn assert_images_hold_model_input(out: &Path, from: &Path, labels: &Path, size: usize) {
+    assert_images_hold(out, from, labels, &Preprocessing::new(size));
+}
+
+fn assert_images_hold(out: &Path, from: &Path, labels: &Path, preprocessing: &Preprocessing) {
+    let size = preprocessing.size;
     let sources: HashMap<String, String> = read_csv(labels)
         .into_iter()
         .map(|r| (r["sop_instance_uid"].clone(), r["file"].clone()))
@@ -78,7 +84,7 @@ fn assert_images_hold_model_input(out: &Path, from: &Path, labels: &Path, size: 
     for row in read_csv(&out.join("manifest.csv")) {
         let source = from.join(&sources[&row["sop_instance_uid"]]);
         let frames = hu_frames(&source).expect("source decodes");
-        let expected: Vec<i32> = to_model_input(&frames[0], size)
+        let expected: Vec<i32> = preprocess(&frames[0], preprocessing)
             .iter()
             .map(|v| (v.round() as i32).clamp(-32768, 32767))
             .collect();
@@ -157,6 +163,36 @@ fn synthetic_dataset_follows_the_contract() {
         .filter_map(|v| v.as_u64())
         .sum();
     assert_eq!(counted, 36);
+}
+
+#[test]
+fn a_fixed_field_of_view_is_applied_and_recorded() {
+    let src = tempfile::tempdir().expect("tempdir");
+    let labels = synthetic_source(src.path());
+    let out = src.path().join("dataset");
+    let fov = BuildOptions {
+        field_of_view_mm: Some(300.0),
+        ..options(src.path(), &labels, &out, 32)
+    };
+    build(&fov).expect("build");
+    let preprocessing = Preprocessing::new(32).with_field_of_view(Some(300.0));
+    assert_images_hold(&out, src.path(), &labels, &preprocessing);
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("dataset.json")).expect("json"))
+            .expect("valid json");
+    assert_eq!(json["field_of_view_mm"], 300.0);
+    // and the whole-image build differs from it (the synthetic images have a Pixel Spacing)
+    let whole = src.path().join("whole");
+    build(&options(src.path(), &labels, &whole, 32)).expect("build");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(whole.join("dataset.json")).expect("json"))
+            .expect("valid json");
+    assert!(json["field_of_view_mm"].is_null());
+    let image = read_csv(&out.join("manifest.csv"))[0]["image"].clone();
+    assert_ne!(
+        read_png_hu(&out.join(&image)).expect("png"),
+        read_png_hu(&whole.join(&image)).expect("png")
+    );
 }
 
 #[test]

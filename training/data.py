@@ -53,6 +53,12 @@ class Dataset:
     def input_size(self) -> int:
         return int(self.images.shape[-1])
 
+    @property
+    def field_of_view_mm(self) -> float | None:
+        """Millimetres every image spans (`dataset build --field-of-view`); None: fitted whole."""
+        mm = self.info.get("field_of_view_mm")
+        return None if mm is None else float(mm)
+
     def targets(self, classes=CLASSES) -> np.ndarray:
         """Class index per image; -1 for `ambiguous` (never trained on nor scored)."""
         index = {c: i for i, c in enumerate(classes)}
@@ -79,7 +85,8 @@ class Dataset:
             # written by `anatomy-node dataset build`: name what it was built from, and how
             name = self.info["labels_file"]
             ratios = "/".join(f"{float(v):g}" for v in self.info.get("split_ratios", []))
-            build = (f"anatomy-node dataset build, {build}, size {self.input_size}, "
+            fov = f", field of view {self.field_of_view_mm:g} mm" if self.field_of_view_mm else ""
+            build = (f"anatomy-node dataset build, {build}, size {self.input_size}{fov}, "
                      f"seed {self.info.get('seed')}, split {ratios}")
         parts = [f"{name} ({build})",
                  f"{len(self)} images", f"{len(set(self.patient_key))} patients"]

@@ -38,7 +38,7 @@ def metadata(ckpt: dict, model_version: str | None = None, trained_on: str | Non
     """The contract's metadata_props; every value a string, JSON where the contract says so."""
     low, high = ckpt["hu_window"]
     fmt = lambda v: json.dumps(int(v) if float(v).is_integer() else float(v))
-    return {
+    meta = {
         "classes": json.dumps(list(ckpt["classes"])),
         "input_size": str(int(ckpt["input_size"])),
         "hu_window": f"[{fmt(low)}, {fmt(high)}]",
@@ -47,6 +47,10 @@ def metadata(ckpt: dict, model_version: str | None = None, trained_on: str | Non
         "trained_on": trained_on or ckpt["trained_on"],
         "temperature": repr(float(ckpt["temperature"])),
     }
+    if ckpt.get("field_of_view_mm"):
+        # the node then shows the model this many millimetres of every image (docs/contracts.md)
+        meta["field_of_view_mm"] = fmt(ckpt["field_of_view_mm"])
+    return meta
 
 
 def export(checkpoint: str | Path, out: str | Path, model_version: str | None = None,
@@ -136,4 +140,6 @@ def check_metadata(meta: dict[str, str], input_shape=None, num_outputs=None) -> 
         problems.append(f"{len(classes)} classes but {num_outputs} outputs")
     if "temperature" in meta and not float(meta["temperature"]) > 0:
         problems.append("temperature: not > 0")
+    if "field_of_view_mm" in meta and not 10 <= float(meta["field_of_view_mm"]) <= 2000:
+        problems.append("field_of_view_mm: not between 10 and 2000")
     return problems

@@ -128,6 +128,7 @@ pub fn label_images(
         preprocessing: Preprocessing {
             size: model.info().input_size,
             axial_tolerance_deg: options.axial_tolerance_deg,
+            field_of_view_mm: model.info().field_of_view_mm,
         },
     };
     let (mut timings, failed, inference) = pipeline(model, &pool, &preparation, &chunks);

@@ -305,6 +305,9 @@ pub struct ModelInfo {
     pub trained_on: String,
     /// The fitted temperature, already applied inside the graph (informational).
     pub temperature: Option<f64>,
+    /// Millimetres the `S×S` input spans (`pixels::Preprocessing::field_of_view_mm`);
+    /// absent in models that see each image fitted whole.
+    pub field_of_view_mm: Option<f64>,
 }
 
 /// A metadata key and what is wrong with it.
@@ -329,6 +332,9 @@ impl ModelInfo {
             trained_on: non_empty("trained_on", get("trained_on")?)?,
             temperature: lookup("temperature")
                 .map(|t| parse_temperature(&t))
+                .transpose()?,
+            field_of_view_mm: lookup("field_of_view_mm")
+                .map(|t| parse_field_of_view(&t))
                 .transpose()?,
         })
     }
@@ -362,6 +368,16 @@ fn parse_classes(text: &str) -> Result<Vec<String>, KeyProblem> {
         }
     }
     Ok(classes)
+}
+
+fn parse_field_of_view(text: &str) -> Result<f64, KeyProblem> {
+    match text.trim().parse::<f64>() {
+        Ok(mm) if mm.is_finite() && (10.0..=2000.0).contains(&mm) => Ok(mm),
+        _ => Err((
+            "field_of_view_mm",
+            format!("is not a length in millimetres between 10 and 2000: {text:?}"),
+        )),
+    }
 }
 
 fn parse_input_size(text: &str) -> Result<usize, KeyProblem> {
@@ -792,7 +808,9 @@ mod tests {
     fn good_metadata_parses() {
         let mut props = good();
         props.insert("temperature", "0.55".into());
+        props.insert("field_of_view_mm", "500".into());
         let info = parse(&props).expect("valid");
+        assert_eq!(info.field_of_view_mm, Some(500.0));
         assert_eq!(info.classes, ["neck", "lungs", "liver"]);
         assert_eq!(info.input_size, 64);
         assert_eq!(info.hu_window, [-100.0, 200.0]);
@@ -813,7 +831,7 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let cases: [(&str, &str); 13] = [
+        let cases: [(&str, &str); 15] = [
             ("classes", "[]"),
             ("classes", r#"["a","a"]"#),
             ("classes", r#"["a",""]"#),
@@ -827,6 +845,8 @@ mod tests {
             ("normalization", "zscore"),
             ("model_version", " "),
             ("temperature", "-1"),
+            ("field_of_view_mm", "0"),
+            ("field_of_view_mm", "wide"),
         ];
         for (key, value) in cases {
             assert_eq!(

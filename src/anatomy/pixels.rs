@@ -27,7 +27,7 @@ use dicom_object::{DefaultDicomObject, OpenFileOptions};
 
 use crate::error_text::error_chain;
 
-pub use geometry::{canonical_orientation, pad_to_square, resize, AxialFlips};
+pub use geometry::{canonical_orientation, fixed_field, pad_to_square, resize, AxialFlips};
 
 /// HU written where there is no patient: padding pixels, and the border added to make
 /// the image square.
@@ -67,6 +67,11 @@ pub struct Preprocessing {
     pub size: usize,
     /// See [`DEFAULT_AXIAL_TOLERANCE_DEG`].
     pub axial_tolerance_deg: f64,
+    /// When set (the model's `field_of_view_mm`), every image shows this many millimetres
+    /// around its centre, whatever its own field of view, so that a neck is neck-sized in a
+    /// 128-pixel RT-planning CT and in a 512-pixel diagnostic one. Unset: the whole image
+    /// is fitted to `S×S` (the original contract).
+    pub field_of_view_mm: Option<f64>,
 }
 
 impl Preprocessing {
@@ -74,6 +79,14 @@ impl Preprocessing {
         Self {
             size,
             axial_tolerance_deg: DEFAULT_AXIAL_TOLERANCE_DEG,
+            field_of_view_mm: None,
+        }
+    }
+
+    pub fn with_field_of_view(self, field_of_view_mm: Option<f64>) -> Self {
+        Self {
+            field_of_view_mm,
+            ..self
         }
     }
 }
@@ -183,11 +196,16 @@ pub fn to_model_input(image: &HuImage, size: usize) -> Vec<f32> {
     preprocess(image, &Preprocessing::new(size))
 }
 
-/// Contract steps 3–5: canonical orientation, pad to a square with air, resize.
+/// Contract steps 3–5: canonical orientation, then either the fixed field of view around the
+/// centre (when the model has one and the image says its Pixel Spacing) or the whole image
+/// padded to a square with air; resized to `S×S`.
 pub fn preprocess(image: &HuImage, options: &Preprocessing) -> Vec<f32> {
     let oriented = canonical_orientation(image, options.axial_tolerance_deg);
-    let square = pad_to_square(&oriented);
-    resize(&square, options.size, options.size)
+    let framed = options
+        .field_of_view_mm
+        .and_then(|mm| fixed_field(&oriented, mm))
+        .unwrap_or_else(|| pad_to_square(&oriented));
+    resize(&framed, options.size, options.size)
 }
 
 /// The model's normalisation (`"unit"`): HU clamped to `[low, high]`, mapped to `[0, 1]`.

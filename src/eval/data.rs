@@ -75,6 +75,9 @@ impl fmt::Display for SplitSelection {
 pub struct DatasetJson {
     pub format: String,
     pub input_size: usize,
+    /// Millimetres each image spans (`dataset build --field-of-view`); none: fitted whole.
+    #[serde(default)]
+    pub field_of_view_mm: Option<f64>,
     #[serde(default)]
     pub images: Option<usize>,
     #[serde(default)]

@@ -179,10 +179,24 @@ pub fn evaluate(options: &EvalOptions) -> Result<Report, EvalError> {
     }))
 }
 
-/// The model must take the dataset's image size: images are never resized here, as the
-/// node gives the model exactly `input_size` pixels.
+/// The model must take the dataset's image size and field of view: images are never
+/// resized here, as the node gives the model exactly `input_size` pixels of its field.
 fn check_sizes(model: &Model, dataset: &Dataset) -> Result<(), EvalError> {
     let (model_size, data_size) = (model.info().input_size, dataset.json.input_size);
+    let (model_fov, data_fov) = (model.info().field_of_view_mm, dataset.json.field_of_view_mm);
+    if model_fov != data_fov {
+        let shown =
+            |mm: Option<f64>| mm.map_or("none (whole image)".into(), |mm| format!("{mm} mm"));
+        return Err(EvalError::Mismatch(format!(
+            "model {} sees a field of view of {} (metadata field_of_view_mm), but dataset {} \
+             holds images of {} (dataset.json field_of_view_mm); build a dataset with the \
+             model's `anatomy-node dataset build --field-of-view`",
+            model.path().display(),
+            shown(model_fov),
+            dataset.dir.display(),
+            shown(data_fov),
+        )));
+    }
     if model_size == data_size {
         return Ok(());
     }

@@ -51,6 +51,9 @@ pub struct MineJson {
     pub dataset_id: String,
     pub key_check: String,
     pub image_size: usize,
+    /// `mine.field_of_view_mm` when the folder was made (absent: images fitted whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field_of_view_mm: Option<f64>,
     pub split: String,
     pub created_at: i64,
 }
@@ -115,6 +118,7 @@ impl Output {
         dir: &Path,
         keyer: &Keyer,
         image_size: usize,
+        field_of_view_mm: Option<f64>,
         split: &str,
     ) -> Result<Output, OutputError> {
         let marker = dir.join("mine.json");
@@ -148,6 +152,17 @@ impl Output {
                     size = json.image_size
                 )));
             }
+            if json.field_of_view_mm != field_of_view_mm {
+                let shown = |mm: Option<f64>| {
+                    mm.map_or("none (fitted whole)".into(), |mm| format!("{mm} mm"))
+                };
+                return Err(OutputError::Refused(format!(
+                    "{} holds images of field of view {}, mine.field_of_view_mm is {}; use a new --out",
+                    dir.display(),
+                    shown(json.field_of_view_mm),
+                    shown(field_of_view_mm)
+                )));
+            }
             if json.split != split {
                 return Err(OutputError::Refused(format!(
                     "{} was split {}, mine.split is {split}: patients would change splits; use a new --out",
@@ -163,6 +178,7 @@ impl Output {
                 dataset_id: new_id(dir),
                 key_check: keyer.key_check(),
                 image_size,
+                field_of_view_mm,
                 split: split.to_string(),
                 created_at: super::state::now(),
             };
@@ -331,6 +347,7 @@ fn dataset_json(
     json!({
         "format": dataset::FORMAT,
         "input_size": mine.image_size,
+        "field_of_view_mm": mine.field_of_view_mm,
         "hu_offset": HU_OFFSET,
         "images": rows.len(),
         "patients": patients.len(),
@@ -387,22 +404,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let keyer = Keyer::new("0123456789abcdef", SplitRatios::default()).unwrap();
         let out = dir.path().join("ds");
-        let first = Output::open(&out, &keyer, 64, "70,15,15").unwrap();
-        let again = Output::open(&out, &keyer, 64, "70,15,15").unwrap();
+        let first = Output::open(&out, &keyer, 64, None, "70,15,15").unwrap();
+        let again = Output::open(&out, &keyer, 64, None, "70,15,15").unwrap();
         assert_eq!(first.json, again.json);
         let other = Keyer::new("another secret!!", SplitRatios::default()).unwrap();
-        assert!(Output::open(&out, &other, 64, "70,15,15").is_err());
-        assert!(Output::open(&out, &keyer, 128, "70,15,15").is_err());
-        assert!(Output::open(&out, &keyer, 64, "60,20,20").is_err());
+        assert!(Output::open(&out, &other, 64, None, "70,15,15").is_err());
+        assert!(Output::open(&out, &keyer, 128, None, "70,15,15").is_err());
+        assert!(Output::open(&out, &keyer, 64, Some(500.0), "70,15,15").is_err());
+        assert!(Output::open(&out, &keyer, 64, None, "60,20,20").is_err());
         std::fs::write(dir.path().join("x.txt"), "x").unwrap();
-        assert!(Output::open(dir.path(), &keyer, 64, "70,15,15").is_err());
+        assert!(Output::open(dir.path(), &keyer, 64, None, "70,15,15").is_err());
     }
 
     #[test]
     fn the_index_is_rewritten_and_strays_removed() {
         let dir = tempfile::tempdir().unwrap();
         let keyer = Keyer::new("0123456789abcdef", SplitRatios::default()).unwrap();
-        let out = Output::open(dir.path(), &keyer, 8, "70,15,15").unwrap();
+        let out = Output::open(dir.path(), &keyer, 8, None, "70,15,15").unwrap();
         let name = Output::image_name("1.2.3", 0, false);
         write_image(dir.path(), &name, 8, &[0.0; 64]).unwrap();
         write_image(dir.path(), "images/stray.png", 8, &[0.0; 64]).unwrap();

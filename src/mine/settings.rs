@@ -97,6 +97,8 @@ pub struct MineConfig {
     pub modality: String,
     /// Side of the square images (the model's input size).
     pub image_size: usize,
+    /// Millimetres each image spans (the model's `field_of_view_mm`); none: fitted whole.
+    pub field_of_view_mm: Option<f64>,
     /// Shares of patients for train, val, test.
     pub split: String,
     /// Key-images per series for labels given to a whole series or study.
@@ -129,6 +131,7 @@ impl Default for MineConfig {
             pseudo_label_min_probability: 0.98,
             modality: "CT".into(),
             image_size: 192,
+            field_of_view_mm: None,
             split: "70,15,15".into(),
             series_key_images: 8,
             lookback_days: 7,
@@ -154,6 +157,10 @@ impl MineConfig {
     }
 
     pub(crate) fn resolve_paths(&mut self, base: &Path) {
+        // TOML has no null: 0 stands for "no fixed field of view".
+        if self.field_of_view_mm == Some(0.0) {
+            self.field_of_view_mm = None;
+        }
         for path in [&mut self.ris_csv, &mut self.spool] {
             match path {
                 Some(p) if p.as_os_str().is_empty() => *path = None,
@@ -282,6 +289,12 @@ pub fn validate(archive: &ArchiveConfig, mine: &MineConfig) -> Result<(), String
     }
     if !(8..=2048).contains(&mine.image_size) {
         return Err("mine.image_size must be between 8 and 2048".into());
+    }
+    if mine
+        .field_of_view_mm
+        .is_some_and(|mm| !(10.0..=2000.0).contains(&mm))
+    {
+        return Err("mine.field_of_view_mm must be between 10 and 2000 (mm)".into());
     }
     mine.split_ratios()?;
     mine.window()?;

@@ -52,6 +52,7 @@ def test_onnx_metadata_is_the_contract(trained):
     assert "12 patients" in meta["trained_on"]
     assert float(meta["temperature"]) == pytest.approx(scores["temperature"])
     assert all(isinstance(v, str) for v in meta.values())
+    assert "field_of_view_mm" not in meta  # the synthetic dataset is fitted whole
 
 
 def test_check_metadata_names_the_bad_key():
@@ -62,6 +63,22 @@ def test_check_metadata_names_the_bad_key():
     assert any("normalization" in p for p in check_metadata(good | {"normalization": "zscore"}))
     assert any("classes" in p for p in check_metadata(good, None, 5))
     assert check_metadata({k: v for k, v in good.items() if k != "trained_on"}) == ["missing trained_on"]
+    assert check_metadata(good | {"field_of_view_mm": "500"}) == []
+    assert any("field_of_view_mm" in p for p in check_metadata(good | {"field_of_view_mm": "0"}))
+
+
+def test_the_datasets_field_of_view_reaches_the_model(synthetic_dataset, tmp_path):
+    import shutil
+    folder = tmp_path / "fov"
+    shutil.copytree(synthetic_dataset, folder)
+    info = json.loads((folder / "dataset.json").read_text())
+    (folder / "dataset.json").write_text(json.dumps(info | {"field_of_view_mm": 480.0}))
+    assert cli.main(["pack", str(folder), str(tmp_path / "ds.npz")]) == 0
+    assert cli.main(["train", "--data", str(tmp_path / "ds.npz"), "--out", str(tmp_path / "run"), "--epochs", "1",
+                     "--width", "8", "--batch-size", "16", "--limit", "30"]) == 0
+    assert cli.main(["export", str(tmp_path / "run" / "model.pt"), str(tmp_path / "m.onnx")]) == 0
+    meta = read_metadata(tmp_path / "m.onnx")
+    assert meta["field_of_view_mm"] == "480"
 
 
 def test_onnx_matches_torch_on_preprocessed_images(trained, synthetic_dataset):

@@ -131,6 +131,51 @@ pub fn pad_to_square(image: &HuImage) -> HuImage {
     }
 }
 
+/// The square of `field_of_view_mm` around the image centre, cut out of the image or padded
+/// with air where the image is smaller, at the image's own pixel spacing (the resize of
+/// step 5 brings it to `S×S`). `None` when the image has no usable Pixel Spacing: then the
+/// physical size is unknown and the caller fits the whole image instead.
+pub fn fixed_field(image: &HuImage, field_of_view_mm: f64) -> Option<HuImage> {
+    let [row_mm, column_mm] = image.pixel_spacing?;
+    let usable = |mm: f64| mm.is_finite() && mm > 0.0;
+    if !usable(row_mm) || !usable(column_mm) || !usable(field_of_view_mm) {
+        return None;
+    }
+    let aspect = row_mm / column_mm;
+    if !(1.0 / MAX_PIXEL_ASPECT..=MAX_PIXEL_ASPECT).contains(&aspect) {
+        return None;
+    }
+    let rows = ((field_of_view_mm / row_mm).round() as usize).max(1);
+    let columns = ((field_of_view_mm / column_mm).round() as usize).max(1);
+    // Offsets of the window in the image (negative: air before the image starts), chosen so
+    // that the window and the image share their centre.
+    let top = (image.rows as i64 - rows as i64).div_euclid(2);
+    let left = (image.columns as i64 - columns as i64).div_euclid(2);
+    let mut hu = vec![AIR_HU; rows * columns];
+    for r in 0..rows {
+        let source_row = top + r as i64;
+        if source_row < 0 || source_row >= image.rows as i64 {
+            continue;
+        }
+        let first = left.max(0);
+        let last = (left + columns as i64).min(image.columns as i64);
+        if first >= last {
+            continue;
+        }
+        let source = source_row as usize * image.columns;
+        let target = r * columns + (first - left) as usize;
+        let n = (last - first) as usize;
+        hu[target..target + n]
+            .copy_from_slice(&image.hu[source + first as usize..source + last as usize]);
+    }
+    Some(HuImage {
+        rows,
+        columns,
+        hu,
+        ..image.clone()
+    })
+}
+
 fn padded_shape(rows: usize, columns: usize, spacing: Option<[f64; 2]>) -> (usize, usize) {
     let side = rows.max(columns);
     let Some([row_mm, column_mm]) = spacing else {

@@ -594,6 +594,89 @@ fn rectangular_pixels_pad_to_a_square_in_millimetres() {
     assert_eq!(resize(&out, 2, 2), [0.0; 4]);
 }
 
+// --- step 4, with the model's field of view ---
+
+fn spaced(rows: usize, columns: usize, mm: [f64; 2], hu: Vec<f32>) -> HuImage {
+    HuImage {
+        pixel_spacing: Some(mm),
+        ..image(rows, columns, hu)
+    }
+}
+
+#[test]
+fn a_small_field_of_view_is_padded_with_air_to_the_model_field() {
+    // 2×2 pixels of 1 mm in a 4 mm field: centred, one pixel of air around
+    let out = fixed_field(&spaced(2, 2, [1.0, 1.0], vec![1.0, 2.0, 3.0, 4.0]), 4.0).unwrap();
+    let a = AIR_HU;
+    #[rustfmt::skip]
+    let expected = [
+        a, a, a, a,
+        a, 1.0, 2.0, a,
+        a, 3.0, 4.0, a,
+        a, a, a, a,
+    ];
+    assert_eq!((out.rows, out.columns), (4, 4));
+    assert_eq!(out.hu, expected);
+}
+
+#[test]
+fn a_wide_field_of_view_is_cut_to_its_centre() {
+    let hu: Vec<f32> = (0..16).map(|v| v as f32).collect();
+    let out = fixed_field(&spaced(4, 4, [2.0, 2.0], hu), 4.0).unwrap();
+    assert_eq!((out.rows, out.columns), (2, 2));
+    assert_eq!(out.hu, [5.0, 6.0, 9.0, 10.0]);
+}
+
+#[test]
+fn the_same_body_gets_the_same_size_whatever_the_scanner_field() {
+    // a 40 mm "neck" of 200 HU, once in 128 pixels of 4 mm, once in 512 of 1 mm
+    let disc = |n: usize, mm: f64| {
+        let c = n as f64 / 2.0;
+        let hu = (0..n * n)
+            .map(|i| {
+                let (r, col) = ((i / n) as f64 + 0.5 - c, (i % n) as f64 + 0.5 - c);
+                if (r * r + col * col).sqrt() * mm <= 20.0 {
+                    200.0
+                } else {
+                    AIR_HU
+                }
+            })
+            .collect();
+        spaced(n, n, [mm, mm], hu)
+    };
+    let options = Preprocessing::new(32).with_field_of_view(Some(160.0));
+    let body = |img: &HuImage| {
+        preprocess(img, &options)
+            .iter()
+            .filter(|v| **v > 0.0)
+            .count()
+    };
+    let (coarse, fine) = (body(&disc(128, 4.0)), body(&disc(512, 1.0)));
+    // 40 mm of 160 mm in 32 pixels: a disc 8 pixels across, about 50 pixels
+    assert!(
+        (40..=60).contains(&coarse) && (40..=60).contains(&fine),
+        "{coarse} {fine}"
+    );
+    // fitted to the image instead, the coarse one would be four times smaller in area
+    assert!(
+        to_model_input(&disc(512, 1.0), 32)
+            .iter()
+            .filter(|v| **v > 0.0)
+            .count()
+            < 10
+    );
+}
+
+#[test]
+fn without_pixel_spacing_the_whole_image_is_fitted() {
+    let img = image(2, 2, vec![1.0; 4]);
+    assert!(fixed_field(&img, 100.0).is_none());
+    let options = Preprocessing::new(4).with_field_of_view(Some(100.0));
+    assert_eq!(preprocess(&img, &options), to_model_input(&img, 4));
+    let broken = spaced(2, 2, [0.0, 1.0], vec![1.0; 4]);
+    assert!(fixed_field(&broken, 100.0).is_none());
+}
+
 // --- step 5: resize ---
 
 #[test]

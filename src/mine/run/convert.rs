@@ -146,6 +146,7 @@ impl Miner {
     ) -> Vec<Result<MinedRow, SkipReason>> {
         let job = SeriesJob {
             size: self.output.json.image_size,
+            field_of_view_mm: self.output.json.field_of_view_mm,
             dir: self.output.dir.clone(),
             tolerance: self.config.classifier.axial_tolerance_deg,
             study_uid: study_uid.to_string(),
@@ -183,6 +184,7 @@ fn by_series(todo: Vec<Decision>) -> BTreeMap<String, Vec<Decision>> {
 /// One series' conversion, owned so that it runs on the blocking pool.
 struct SeriesJob {
     size: usize,
+    field_of_view_mm: Option<f64>,
     dir: PathBuf,
     tolerance: f64,
     study_uid: String,
@@ -194,6 +196,14 @@ struct SeriesJob {
 }
 
 impl SeriesJob {
+    fn preprocessing(&self) -> Preprocessing {
+        Preprocessing {
+            size: self.size,
+            axial_tolerance_deg: self.tolerance,
+            field_of_view_mm: self.field_of_view_mm,
+        }
+    }
+
     fn run(
         &self,
         decisions: Vec<Decision>,
@@ -213,7 +223,7 @@ impl SeriesJob {
                 continue;
             };
             let images = Miner::timed(&self.decode_us, || {
-                decode_file(path, &decisions, self.size, self.tolerance)
+                decode_file(path, &decisions, &self.preprocessing())
             });
             let _ = std::fs::remove_file(path);
             match images {
@@ -294,8 +304,7 @@ fn header(sop: &str, path: &Path) -> Option<(Instance, bool)> {
 fn decode_file(
     path: &Path,
     decisions: &[Decision],
-    size: usize,
-    tolerance: f64,
+    preprocessing: &Preprocessing,
 ) -> Result<Vec<Converted>, SkipReason> {
     let sop = decisions
         .first()
@@ -315,10 +324,6 @@ fn decode_file(
     let frames = u32::try_from(instance.number_of_frames.unwrap_or(1).max(1)).unwrap_or(1);
     let multi_frame = frames > 1 || instance.sop_class_uid != uids::CT_IMAGE_STORAGE;
     let z = z_of_frames(instance);
-    let preprocessing = Preprocessing {
-        size,
-        axial_tolerance_deg: tolerance,
-    };
     // A single-frame file is decoded once, whatever the number of decisions on it.
     let single = if frames == 1 {
         Some(pixels::hu_frames(path).map_err(|e| e.kind.to_string())?)
@@ -337,7 +342,7 @@ fn decode_file(
                 None => pixels::hu_frame(path, d.frame).map_err(|e| e.kind.to_string())?,
             };
             Ok((
-                pixels::preprocess(&image, &preprocessing),
+                pixels::preprocess(&image, preprocessing),
                 z.get(&d.frame).copied(),
                 multi_frame,
             ))
@@ -400,7 +405,11 @@ mod tests {
             ));
             let path = dir.path().join(format!("{slice}.dcm"));
             obj.write_to_file(&path).unwrap();
-            let images = decode_file(&path, &[decision(spec.sop_uid(slice))], 16, 35.0);
+            let images = decode_file(
+                &path,
+                &[decision(spec.sop_uid(slice))],
+                &Preprocessing::new(16),
+            );
             converted.push(images.map(|i| i.len()));
         }
         assert_eq!(converted[0], Ok(1));

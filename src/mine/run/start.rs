@@ -110,7 +110,14 @@ pub(super) async fn lock(
 
 /// The dataset folder; one this run may not write to is a usage error.
 pub(super) fn open_output(out: &Path, config: &Config, keyer: &Keyer) -> Result<Output, Fatal> {
-    Output::open(out, keyer, config.mine.image_size, &config.mine.split).map_err(|e| match e {
+    Output::open(
+        out,
+        keyer,
+        config.mine.image_size,
+        config.mine.field_of_view_mm,
+        &config.mine.split,
+    )
+    .map_err(|e| match e {
         OutputError::Refused(m) => Fatal(exit::USAGE, m),
         other => Fatal(exit::FAILED, other.to_string()),
     })
