@@ -867,6 +867,34 @@ fn wrong_inputs_give_clear_errors() {
         "{err}"
     );
 
+    // a model that sees a fixed field of view, and a dataset fitted whole
+    let Some(framed) = make_model(
+        setup.dir.path(),
+        "stats16-fov",
+        &[
+            "--size",
+            "16",
+            "--classes",
+            CLASSES,
+            "--set-key",
+            "field_of_view_mm=500",
+        ],
+    ) else {
+        return;
+    };
+    let err = eval_error(&[
+        "--model",
+        framed.to_str().expect("utf-8"),
+        "--dataset",
+        &data,
+        "--out",
+        out,
+    ]);
+    assert!(
+        err.contains("field of view of 500 mm") && err.contains("none (whole image)"),
+        "{err}"
+    );
+
     // a PNG of the wrong size
     let image = dataset.join("images/b1.png");
     write_png(&image, 8, &[0.0; 64]).expect("png");
