@@ -54,6 +54,11 @@ class AugmentConfig:
     pair_scale_min: float = 0.22  # size of each copy, fraction of the image side, uniform
     pair_scale_max: float = 0.45
     pair_min_fill: float = 0.3  # fraction of the image inside the body (HU > -500)
+    # With a fixed field of view (dataset build --field-of-view) a crop already shows one thigh
+    # at its true size: the pair is then made of two unscaled copies of the body's bounding box,
+    # for crops that are not already wide (bounding box at most pair_max_aspect as wide as high).
+    pair_true_size: bool = False
+    pair_max_aspect: float = 1.3
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +116,8 @@ def pair_composite(hu: torch.Tensor, eligible: torch.Tensor, cfg: AugmentConfig,
     rand = torch.rand(n, 4, generator=gen)  # gap, x jitter, y jitter, which copy is mirrored
     if not pick.any():
         return hu
+    if cfg.pair_true_size:
+        return _true_size_pairs(hu, pick, rand, cfg)
     s = max(4, round(S * f))
     idx = pick.nonzero().squeeze(1)
     small = F.interpolate(hu[idx.to(hu.device)], size=(s, s), mode="area")
@@ -128,6 +135,33 @@ def pair_composite(hu: torch.Tensor, eligible: torch.Tensor, cfg: AugmentConfig,
         canvas[:, y0:y0 + s, x0:x0 + s] = a
         xb = x0 + s + gap
         canvas[:, y0:y0 + s, xb:xb + s] = torch.maximum(canvas[:, y0:y0 + s, xb:xb + s], b)
+        out[i] = canvas
+    return out
+
+
+def _true_size_pairs(hu: torch.Tensor, pick: torch.Tensor, rand: torch.Tensor,
+                     cfg: AugmentConfig) -> torch.Tensor:
+    """pair_composite for a fixed field of view: the body's bounding box twice, unscaled."""
+    S = hu.shape[-1]
+    out = hu.clone()
+    for i in pick.nonzero().squeeze(1).tolist():
+        body = hu[i, 0] > -500
+        rows, cols = body.any(1).nonzero().squeeze(1), body.any(0).nonzero().squeeze(1)
+        if not len(rows):
+            continue
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        h, w = r1 - r0, c1 - c0
+        gap = int((rand[i, 0] * 0.08 - 0.02) * S)  # slight overlap .. a few centimetres apart
+        span = 2 * w + gap
+        if w > cfg.pair_max_aspect * h or span > S:
+            continue
+        x0 = (S - span) // 2 + int((rand[i, 1] - 0.5) * (S - span))
+        patch = hu[i, :, r0:r1, c0:c1]
+        a, b = (patch, patch.flip(-1)) if rand[i, 3] < 0.5 else (patch.flip(-1), patch)
+        canvas = torch.full_like(hu[i], AIR_HU)
+        canvas[:, r0:r1, x0:x0 + w] = a
+        xb = x0 + w + gap
+        canvas[:, r0:r1, xb:xb + w] = torch.maximum(canvas[:, r0:r1, xb:xb + w], b)
         out[i] = canvas
     return out
 

@@ -42,7 +42,7 @@ def cmd_train(a) -> int:
         elastic_grid=a.elastic_grid, hflip=a.hflip, hu_scale=a.hu_scale, hu_offset=a.hu_offset,
         noise_hu=a.noise_hu, lowres_p=a.lowres_p, lowres_min=a.lowres_min,
         pair_p=a.pair_p, pair_scale_min=a.pair_scale[0], pair_scale_max=a.pair_scale[1],
-        pair_min_fill=a.pair_min_fill,
+        pair_min_fill=a.pair_min_fill, pair_true_size=a.pair_true_size,
     )
     if a.no_augment:
         aug = AugmentConfig(rotate_deg=0, scale_min=1, scale_max=1, translate=0, elastic_sigma=0, hflip=0, hu_scale=0,
@@ -160,7 +160,8 @@ def pairs_report(ds, mask, targets, classes, probabilities, seed: int) -> dict:
     import torch
 
     from .augment import AugmentConfig, body_fill, pair_composite
-    cfg = AugmentConfig(pair_p=1.0)
+    framed = bool(ds.field_of_view_mm)  # a fixed field of view: pairs at true size
+    cfg = AugmentConfig(pair_p=1.0, pair_true_size=framed, pair_min_fill=0.0 if framed else 0.3)
     want = [classes.index(c) for c in ("legs", "pelvis") if c in classes]
     hu = torch.from_numpy(ds.images[mask].astype(np.float32) - ds.hu_offset).unsqueeze(1)
     t = targets[mask]
@@ -169,7 +170,10 @@ def pairs_report(ds, mask, targets, classes, probabilities, seed: int) -> dict:
         return {"images": 0}
     gen = torch.Generator().manual_seed(seed)
     paired = torch.cat([pair_composite(hu[i:i + 32], pick[i:i + 32], cfg, gen) for i in range(0, len(hu), 32)])
-    sel = pick.numpy()
+    # only the images that did become a pair (a true-size pair needs room for two copies)
+    sel = (pick & (paired != hu).flatten(1).any(1)).numpy()
+    if not sel.any():
+        return {"images": 0}
     images = (paired[sel, 0].numpy() + ds.hu_offset).clip(0, 65535).astype(np.uint16)
     pred = probabilities(images).argmax(1)
     return {"images": int(sel.sum()), "error": float((pred != t[sel]).mean()),
@@ -253,6 +257,8 @@ def parser() -> argparse.ArgumentParser:
                    help="MIN,MAX size of each copy of a pair, fraction of the image side")
     g.add_argument("--pair-min-fill", type=float, default=da.pair_min_fill,
                    help="only images whose body (HU > -500) fills more than this share are paired (crops)")
+    g.add_argument("--pair-true-size", action="store_true",
+                   help="pair the body's bounding box at its true size, unscaled (for a dataset with a fixed field of view; use with --pair-min-fill 0)")
     g.add_argument("--pair-classes", type=_names, default=d.pair_classes, help="classes whose crops may be paired")
     g.add_argument("--no-nonaxial", action="store_true",
                    help="do not add synthetic non-axial/scout images of the training series as `other`")

@@ -32,6 +32,18 @@ def test_pair_composite_makes_two_mirrored_small_copies_on_air():
     assert torch.equal(hu, _crop())  # the input batch is not modified
 
 
+def test_true_size_pairs_copy_the_body_unscaled_and_leave_wide_bodies_alone():
+    hu = torch.full((2, 1, 48, 48), AIR_HU)
+    hu[0, :, 20:30, 22:28] = 40.0  # one "thigh", 6 wide and 10 high, at its true size
+    hu[1, :, 20:30, 4:44] = 40.0  # already wide (a full-field pelvis): left alone
+    cfg = AugmentConfig(pair_p=1.0, pair_true_size=True, pair_min_fill=0.0)
+    out = pair_composite(hu, torch.tensor([True, True]), cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(out[1], hu[1])
+    body = out[0, 0] > -500
+    assert body.any(1).nonzero().squeeze(1).tolist() == list(range(20, 30))  # rows kept
+    assert int(body.sum()) in range(100, 121)  # two copies of 60 pixels (they may overlap by a column)
+
+
 def test_pair_composite_is_seeded():
     hu, e = _crop(), torch.ones(3, dtype=torch.bool)
     cfg = AugmentConfig(pair_p=1.0)
