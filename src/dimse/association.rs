@@ -198,23 +198,45 @@ struct Handler {
     deferred: Option<Pdu>,
 }
 
+/// How long a shutting-down association waits for a message already sent to it.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
+fn shutdown_grace_end() -> tokio::time::Instant {
+    tokio::time::Instant::now() + SHUTDOWN_GRACE
+}
+
 impl Handler {
     async fn run(&mut self, shutdown: &CancellationToken) -> Ending {
         let idle = Duration::from_secs(self.ctx.config.dicom.idle_timeout_secs);
+        // Once shutdown starts, a message whose first PDU is already on its way (sent before
+        // the peer could know) is still served; after this grace only the one in progress is.
+        let mut drain_until: Option<tokio::time::Instant> = None;
         loop {
             let between_messages =
                 self.transfer.is_none() && self.identifier.is_none() && self.command_buf.is_empty();
             let pdu = if let Some(pdu) = self.deferred.take() {
                 pdu
             } else {
-                if between_messages && shutdown.is_cancelled() {
-                    return Ending::Abort("node is shutting down".into());
-                }
-                let received = tokio::select! {
-                    _ = shutdown.cancelled(), if between_messages => {
-                        return Ending::Abort("node is shutting down".into());
+                let receive = tokio::time::timeout(idle, self.association.receive());
+                tokio::pin!(receive);
+                let draining = between_messages && shutdown.is_cancelled();
+                let received = if draining {
+                    let until = *drain_until.get_or_insert_with(shutdown_grace_end);
+                    match tokio::time::timeout_at(until, &mut receive).await {
+                        Err(_) => return Ending::Abort("node is shutting down".into()),
+                        Ok(r) => r,
                     }
-                    r = tokio::time::timeout(idle, self.association.receive()) => r,
+                } else {
+                    tokio::select! {
+                        r = &mut receive => r,
+                        _ = shutdown.cancelled(), if between_messages => {
+                            let until = *drain_until.get_or_insert_with(shutdown_grace_end);
+                            match tokio::time::timeout_at(until, &mut receive).await {
+                                Err(_) => return Ending::Abort("node is shutting down".into()),
+                                Ok(r) => r,
+                            }
+                        }
+                    }
                 };
                 match received {
                     Err(_) => return Ending::Abort("no PDU within dicom.idle_timeout_secs".into()),
