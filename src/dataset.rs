@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use serde_json::json;
 
-use crate::anatomy::pixels::{self, Preprocessing};
+use crate::anatomy::pixels::{self, Framing, Preprocessing};
 pub use labels::{read_labels, LabelRow, LABELS};
 pub use split::{assign_splits, patient_key, SplitRatios, SPLITS};
 pub use write::{read_png_hu, ManifestRow, HU_OFFSET};
@@ -44,6 +44,8 @@ pub struct BuildOptions {
     pub size: usize,
     /// See `pixels::Preprocessing::field_of_view_mm`.
     pub field_of_view_mm: Option<f64>,
+    /// See `pixels::Preprocessing::framing`; `Body` is refused with `field_of_view_mm`.
+    pub framing: Framing,
     pub ratios: SplitRatios,
     pub seed: u64,
     /// Conversion threads; all cores when `None`.
@@ -52,7 +54,9 @@ pub struct BuildOptions {
 
 impl BuildOptions {
     fn preprocessing(&self) -> Preprocessing {
-        Preprocessing::new(self.size).with_field_of_view(self.field_of_view_mm)
+        Preprocessing::new(self.size)
+            .with_field_of_view(self.field_of_view_mm)
+            .with_framing(self.framing)
     }
 }
 
@@ -144,6 +148,12 @@ fn check_options(options: &BuildOptions) -> Result<(), DatasetError> {
     {
         return Err(DatasetError::InvalidOption(format!(
             "--field-of-view {mm} is outside 10..=2000 mm"
+        )));
+    }
+    if let (Framing::Body, Some(mm)) = (options.framing, options.field_of_view_mm) {
+        return Err(DatasetError::InvalidOption(format!(
+            "--framing body and --field-of-view {mm} exclude each other: an image is framed \
+             around the body or as a fixed field of view, not both"
         )));
     }
     if options.threads == Some(0) {
@@ -354,6 +364,7 @@ fn dataset_json(options: &BuildOptions, summary: &BuildSummary) -> serde_json::V
         "format": FORMAT,
         "input_size": options.size,
         "field_of_view_mm": options.field_of_view_mm,
+        "framing": options.framing,
         "hu_offset": HU_OFFSET,
         "images": summary.images,
         "patients": summary.patients,
@@ -434,10 +445,16 @@ pub struct BuildArgs {
     #[arg(long, default_value_t = 256)]
     pub size: usize,
     /// Millimetres the image spans around its centre, whatever the scanner's field of view
-    /// (the model then records it as `field_of_view_mm`). Not given: each image is fitted
-    /// whole, as the shipped model's first release was trained.
+    /// (the model then records it as `field_of_view_mm`). Not given: each image is framed
+    /// as --framing says (default: fitted whole, as the shipped model's first release was
+    /// trained).
     #[arg(long = "field-of-view", value_name = "MM")]
     pub field_of_view_mm: Option<f64>,
+    /// `body`: each image is the square around the patient's body plus a margin, so every
+    /// body fills the image whatever the scanner's field of view (the model then records
+    /// `framing` = `body`). `whole`: the whole image. Not with --field-of-view.
+    #[arg(long, value_name = "whole|body", default_value_t = Framing::Whole)]
+    pub framing: Framing,
     /// Shares of patients for train,val,test.
     #[arg(long, default_value = "70,15,15")]
     pub split: SplitRatios,
@@ -457,6 +474,7 @@ impl From<BuildArgs> for BuildOptions {
             out: args.out,
             size: args.size,
             field_of_view_mm: args.field_of_view_mm,
+            framing: args.framing,
             ratios: args.split,
             seed: args.seed,
             threads: args.threads,

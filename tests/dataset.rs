@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anatomy_node::anatomy::pixels::{hu_frames, preprocess, Preprocessing};
+use anatomy_node::anatomy::pixels::{hu_frames, preprocess, Framing, Preprocessing};
 use anatomy_node::dataset::{
     build, patient_key, read_png_hu, BuildOptions, DatasetError, SplitRatios, LABELS,
 };
@@ -24,6 +24,7 @@ fn options(from: &Path, labels: &Path, out: &Path, size: usize) -> BuildOptions 
         out: out.to_path_buf(),
         size,
         field_of_view_mm: None,
+        framing: Framing::Whole,
         ratios: SplitRatios::default(),
         seed: 7,
         threads: Some(2),
@@ -193,6 +194,87 @@ fn a_fixed_field_of_view_is_applied_and_recorded() {
         read_png_hu(&out.join(&image)).expect("png"),
         read_png_hu(&whole.join(&image)).expect("png")
     );
+}
+
+#[test]
+fn body_framing_is_applied_and_recorded() {
+    let src = tempfile::tempdir().expect("tempdir");
+    let labels = synthetic_source(src.path());
+    let out = src.path().join("dataset");
+    let body = BuildOptions {
+        framing: Framing::Body,
+        ..options(src.path(), &labels, &out, 32)
+    };
+    build(&body).expect("build");
+    let preprocessing = Preprocessing::new(32).with_framing(Framing::Body);
+    assert_images_hold(&out, src.path(), &labels, &preprocessing);
+    let json = |dir: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("dataset.json")).expect("json"))
+            .expect("valid json")
+    };
+    assert_eq!(json(&out)["framing"], "body");
+    assert!(json(&out)["field_of_view_mm"].is_null());
+    // and the whole-image build differs from it (the synthetic body is a 0.8 × 0.6 ellipse
+    // of the image, so framing it enlarges it)
+    let whole = src.path().join("whole");
+    build(&options(src.path(), &labels, &whole, 32)).expect("build");
+    assert_eq!(json(&whole)["framing"], "whole");
+    for row in read_csv(&out.join("manifest.csv")) {
+        assert_ne!(
+            read_png_hu(&out.join(&row["image"])).expect("png"),
+            read_png_hu(&whole.join(&row["image"])).expect("png"),
+            "{}",
+            row["image"]
+        );
+    }
+}
+
+#[test]
+fn body_framing_and_a_field_of_view_are_refused_together() {
+    let src = tempfile::tempdir().expect("tempdir");
+    let labels = synthetic_source(src.path());
+    let out = src.path().join("dataset");
+    let both = BuildOptions {
+        framing: Framing::Body,
+        field_of_view_mm: Some(500.0),
+        ..options(src.path(), &labels, &out, 32)
+    };
+    match build(&both) {
+        Err(DatasetError::InvalidOption(message)) => assert!(
+            message.contains("--framing body") && message.contains("--field-of-view 500"),
+            "{message}"
+        ),
+        other => panic!("both framings were accepted: {other:?}"),
+    }
+    assert!(!out.join("dataset.json").exists());
+    // the same on the command line, and an unknown framing
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_anatomy-node"))
+            .args(["dataset", "build", "--size", "32", "--from"])
+            .arg(src.path())
+            .arg("--labels")
+            .arg(&labels)
+            .arg("--out")
+            .arg(&out)
+            .args(args)
+            .output()
+            .expect("anatomy-node runs")
+    };
+    let both = cli(&["--framing", "body", "--field-of-view", "500"]);
+    assert!(!both.status.success());
+    let stderr = String::from_utf8_lossy(&both.stderr);
+    assert!(
+        stderr.contains("--framing body") && stderr.contains("--field-of-view 500"),
+        "{stderr}"
+    );
+    let unknown = cli(&["--framing", "tight"]);
+    assert!(!unknown.status.success());
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert!(
+        stderr.contains("tight") && stderr.contains("body"),
+        "{stderr}"
+    );
+    assert!(!out.join("dataset.json").exists());
 }
 
 #[test]

@@ -895,6 +895,51 @@ fn wrong_inputs_give_clear_errors() {
         "{err}"
     );
 
+    // a model that frames the body, and a dataset without `framing` (whole images)
+    let Some(body) = make_model(
+        setup.dir.path(),
+        "stats16-body",
+        &[
+            "--size",
+            "16",
+            "--classes",
+            CLASSES,
+            "--set-key",
+            "framing=body",
+        ],
+    ) else {
+        return;
+    };
+    let err = eval_error(&[
+        "--model",
+        body.to_str().expect("utf-8"),
+        "--dataset",
+        &data,
+        "--out",
+        out,
+    ]);
+    assert!(
+        err.contains("frames images \"body\" (metadata framing)")
+            && err.contains("framed \"whole\" (dataset.json framing)")
+            && err.contains("--framing body"),
+        "{err}"
+    );
+    // and the other way round: body-framed images for the whole-image model
+    let json_path = dataset.join("dataset.json");
+    let original = std::fs::read_to_string(&json_path).expect("dataset.json");
+    let mut framed_json: Value = serde_json::from_str(&original).expect("json");
+    framed_json["framing"] = "body".into();
+    std::fs::write(&json_path, framed_json.to_string()).expect("dataset.json");
+    let err = eval_error(&["--model", &model, "--dataset", &data, "--out", out]);
+    assert!(
+        err.contains("frames images \"whole\"") && err.contains("framed \"body\""),
+        "{err}"
+    );
+    // body-framed images for the body-framing model are evaluated
+    let (metrics, _) = eval(&body, &dataset, &setup.out("body-framed"), &[]);
+    assert!(metrics.is_object(), "{metrics}");
+    std::fs::write(&json_path, original).expect("dataset.json");
+
     // a PNG of the wrong size
     let image = dataset.join("images/b1.png");
     write_png(&image, 8, &[0.0; 64]).expect("png");

@@ -129,6 +129,7 @@ pub fn label_images(
             size: model.info().input_size,
             axial_tolerance_deg: options.axial_tolerance_deg,
             field_of_view_mm: model.info().field_of_view_mm,
+            framing: model.info().framing,
         },
     };
     let (mut timings, failed, inference) = pipeline(model, &pool, &preparation, &chunks);

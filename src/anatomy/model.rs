@@ -23,7 +23,7 @@ use ort::session::builder::SessionBuilder;
 use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
-use super::pixels::window_unit;
+use super::pixels::{window_unit, Framing};
 
 /// File name of the ONNX Runtime library on Linux.
 pub const LIBRARY_FILE: &str = "libonnxruntime.so";
@@ -308,6 +308,9 @@ pub struct ModelInfo {
     /// Millimetres the `S×S` input spans (`pixels::Preprocessing::field_of_view_mm`);
     /// absent in models that see each image fitted whole.
     pub field_of_view_mm: Option<f64>,
+    /// How images without a field of view are framed (`pixels::Preprocessing::framing`);
+    /// key `framing`, `"whole"` when absent. `Body` never comes with `field_of_view_mm`.
+    pub framing: Framing,
 }
 
 /// A metadata key and what is wrong with it.
@@ -323,7 +326,7 @@ impl ModelInfo {
 
     fn parse(lookup: &dyn Fn(&str) -> Option<String>) -> Result<ModelInfo, KeyProblem> {
         let get = |key: &'static str| lookup(key).ok_or((key, "is missing".to_string()));
-        Ok(ModelInfo {
+        let info = ModelInfo {
             classes: parse_classes(&get("classes")?)?,
             input_size: parse_input_size(&get("input_size")?)?,
             hu_window: parse_hu_window(&get("hu_window")?)?,
@@ -336,7 +339,21 @@ impl ModelInfo {
             field_of_view_mm: lookup("field_of_view_mm")
                 .map(|t| parse_field_of_view(&t))
                 .transpose()?,
-        })
+            framing: lookup("framing")
+                .map(|t| parse_framing(&t))
+                .transpose()?
+                .unwrap_or_default(),
+        };
+        if let (Framing::Body, Some(mm)) = (info.framing, info.field_of_view_mm) {
+            return Err((
+                "framing",
+                format!(
+                    "is \"body\" but the model also has field_of_view_mm {mm}: a model frames \
+                     images one way, around the body or a fixed field of view, not both"
+                ),
+            ));
+        }
+        Ok(info)
     }
 
     /// Values per image: `S × S`.
@@ -378,6 +395,15 @@ fn parse_field_of_view(text: &str) -> Result<f64, KeyProblem> {
             format!("is not a length in millimetres between 10 and 2000: {text:?}"),
         )),
     }
+}
+
+fn parse_framing(text: &str) -> Result<Framing, KeyProblem> {
+    text.parse::<Framing>().map_err(|_| {
+        (
+            "framing",
+            format!("is {text:?}; this node frames images \"whole\" or \"body\""),
+        )
+    })
 }
 
 fn parse_input_size(text: &str) -> Result<usize, KeyProblem> {
@@ -811,6 +837,7 @@ mod tests {
         props.insert("field_of_view_mm", "500".into());
         let info = parse(&props).expect("valid");
         assert_eq!(info.field_of_view_mm, Some(500.0));
+        assert_eq!(info.framing, Framing::Whole);
         assert_eq!(info.classes, ["neck", "lungs", "liver"]);
         assert_eq!(info.input_size, 64);
         assert_eq!(info.hu_window, [-100.0, 200.0]);
@@ -855,6 +882,53 @@ mod tests {
                 "{key} = {value}"
             );
         }
+    }
+
+    #[test]
+    fn framing_is_whole_unless_the_model_says_body() {
+        assert_eq!(parse(&good()).expect("valid").framing, Framing::Whole);
+        for (value, framing) in [
+            ("whole", Framing::Whole),
+            ("body", Framing::Body),
+            (" body ", Framing::Body),
+        ] {
+            let mut props = good();
+            props.insert("framing", value.into());
+            assert_eq!(parse(&props).expect(value).framing, framing, "{value:?}");
+        }
+        // whole framing and a fixed field of view: the field of view frames the images
+        let mut props = good();
+        props.insert("framing", "whole".into());
+        props.insert("field_of_view_mm", "500".into());
+        let info = parse(&props).expect("valid");
+        assert_eq!(
+            (info.framing, info.field_of_view_mm),
+            (Framing::Whole, Some(500.0))
+        );
+    }
+
+    #[test]
+    fn an_unknown_framing_is_refused_naming_key_and_value() {
+        for value in ["Body", "tight", "", "fixed"] {
+            let mut props = good();
+            props.insert("framing", value.into());
+            let (key, problem) = parse(&props).expect_err(value);
+            assert_eq!(key, "framing");
+            assert!(problem.contains(&format!("{value:?}")), "{problem}");
+        }
+    }
+
+    #[test]
+    fn body_framing_and_a_field_of_view_are_refused_together() {
+        let mut props = good();
+        props.insert("framing", "body".into());
+        props.insert("field_of_view_mm", "500".into());
+        let (key, problem) = parse(&props).expect_err("both");
+        assert_eq!(key, "framing");
+        assert!(
+            problem.contains("body") && problem.contains("field_of_view_mm 500"),
+            "{problem}"
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!    stored values to HU (Pixel Representation, Bits Stored, MONOCHROME1, Rescale, Pixel
 //!    Padding → −1024 HU). Images keep the orientation they were stored in.
 //! 2. [`to_model_input`] / [`preprocess`]: canonical axial orientation, pad to a square with
-//!    air, resize to `S×S`. [`window_unit`] then maps HU to the model's `[0, 1]` input.
+//!    air (or cut the model's fixed field of view, or frame the body: [`Framing`]), resize
+//!    to `S×S`. [`window_unit`] then maps HU to the model's `[0, 1]` input.
 //!
 //! Two real files of the development set test the lenient corners, and both decode:
 //! * `pydicom-j2k-head/CT/J2K_pixelrep_mismatch.dcm`: Pixel Representation 1 (signed,
@@ -18,16 +19,23 @@
 //!   dictionary gives them (see `attributes`).
 
 mod attributes;
+mod body;
 mod decode;
 mod geometry;
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use serde::{Deserialize, Serialize};
 
 use crate::error_text::error_chain;
 
-pub use geometry::{canonical_orientation, fixed_field, pad_to_square, resize, AxialFlips};
+pub use body::{body_box, body_framing, BodyBox};
+pub use geometry::{
+    canonical_orientation, cut_window, fixed_field, pad_to_square, resize, AxialFlips,
+};
 
 /// HU written where there is no patient: padding pixels, and the border added to make
 /// the image square.
@@ -70,8 +78,13 @@ pub struct Preprocessing {
     /// When set (the model's `field_of_view_mm`), every image shows this many millimetres
     /// around its centre, whatever its own field of view, so that a neck is neck-sized in a
     /// 128-pixel RT-planning CT and in a 512-pixel diagnostic one. Unset: the whole image
-    /// is fitted to `S×S` (the original contract).
+    /// is fitted to `S×S` (the original contract), or framed by [`Self::framing`].
     pub field_of_view_mm: Option<f64>,
+    /// Without a field of view: the whole image, or the square around the body (the model's
+    /// `framing`). Exclusive with `field_of_view_mm`: the model metadata, `dataset build`
+    /// and the mine settings refuse both, so they never meet here; if they did, the body
+    /// framing would be used.
+    pub framing: Framing,
 }
 
 impl Preprocessing {
@@ -80,6 +93,7 @@ impl Preprocessing {
             size,
             axial_tolerance_deg: DEFAULT_AXIAL_TOLERANCE_DEG,
             field_of_view_mm: None,
+            framing: Framing::Whole,
         }
     }
 
@@ -87,6 +101,56 @@ impl Preprocessing {
         Self {
             field_of_view_mm,
             ..self
+        }
+    }
+
+    pub fn with_framing(self, framing: Framing) -> Self {
+        Self { framing, ..self }
+    }
+}
+
+/// How contract step 4 frames an image when there is no fixed field of view: the value of
+/// the model's metadata key `framing`, of `dataset build --framing`, of `mine.framing` and
+/// of the `framing` of dataset.json (each absent: [`Framing::Whole`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Framing {
+    /// `"whole"`: the whole image, padded to a square of air (the original contract).
+    #[default]
+    Whole,
+    /// `"body"`: the square around the patient's body plus a margin, so that every body
+    /// fills the input whatever the scanner's field of view ([`body_framing`]).
+    Body,
+}
+
+impl Framing {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Framing::Whole => "whole",
+            Framing::Body => "body",
+        }
+    }
+}
+
+impl fmt::Display for Framing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A `framing` that is neither `whole` nor `body`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a framing: \"whole\" or \"body\"")]
+pub struct UnknownFraming(pub String);
+
+impl FromStr for Framing {
+    type Err = UnknownFraming;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.trim() {
+            "whole" => Ok(Framing::Whole),
+            "body" => Ok(Framing::Body),
+            _ => Err(UnknownFraming(text.to_string())),
         }
     }
 }
@@ -196,11 +260,15 @@ pub fn to_model_input(image: &HuImage, size: usize) -> Vec<f32> {
     preprocess(image, &Preprocessing::new(size))
 }
 
-/// Contract steps 3–5: canonical orientation, then either the fixed field of view around the
-/// centre (when the model has one and the image says its Pixel Spacing) or the whole image
-/// padded to a square with air; resized to `S×S`.
+/// Contract steps 3–5: canonical orientation, then either the square around the body (body
+/// framing), the fixed field of view around the centre (when the model has one and the
+/// image says its Pixel Spacing) or the whole image padded to a square with air; resized to
+/// `S×S`.
 pub fn preprocess(image: &HuImage, options: &Preprocessing) -> Vec<f32> {
     let oriented = canonical_orientation(image, options.axial_tolerance_deg);
+    if options.framing == Framing::Body {
+        return body_framing(&oriented, options.size);
+    }
     let framed = options
         .field_of_view_mm
         .and_then(|mm| fixed_field(&oriented, mm))

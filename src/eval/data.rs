@@ -7,11 +7,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use sha2::{Digest, Sha256};
 
 use super::EvalError;
 use crate::anatomy::model::ModelInfo;
+use crate::anatomy::pixels::Framing;
 use crate::dataset::{read_png_hu, FORMAT, SPLITS};
 
 /// The label that is kept in the data and never scored.
@@ -78,6 +79,9 @@ pub struct DatasetJson {
     /// Millimetres each image spans (`dataset build --field-of-view`); none: fitted whole.
     #[serde(default)]
     pub field_of_view_mm: Option<f64>,
+    /// How the images were framed (`dataset build --framing`); absent or null: whole.
+    #[serde(default, deserialize_with = "whole_when_null")]
+    pub framing: Framing,
     #[serde(default)]
     pub images: Option<usize>,
     #[serde(default)]
@@ -88,6 +92,10 @@ pub struct DatasetJson {
     pub split_ratios: Option<Vec<f64>>,
     #[serde(default)]
     pub labels_file: Option<String>,
+}
+
+fn whole_when_null<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Framing, D::Error> {
+    Ok(Option::<Framing>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// One row of `manifest.csv`: the dataset builder's own type.

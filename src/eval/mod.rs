@@ -179,10 +179,22 @@ pub fn evaluate(options: &EvalOptions) -> Result<Report, EvalError> {
     }))
 }
 
-/// The model must take the dataset's image size and field of view: images are never
-/// resized here, as the node gives the model exactly `input_size` pixels of its field.
+/// The model must take the dataset's image size, field of view and framing: images are
+/// never resized here, as the node gives the model exactly `input_size` pixels of its field.
 fn check_sizes(model: &Model, dataset: &Dataset) -> Result<(), EvalError> {
     let (model_size, data_size) = (model.info().input_size, dataset.json.input_size);
+    let (model_framing, data_framing) = (model.info().framing, dataset.json.framing);
+    if model_framing != data_framing {
+        return Err(EvalError::Mismatch(format!(
+            "model {} frames images {model_framing:?} (metadata framing), but dataset {} \
+             holds images framed {data_framing:?} (dataset.json framing); build a dataset \
+             with the model's `anatomy-node dataset build --framing {model_framing}`",
+            model.path().display(),
+            dataset.dir.display(),
+            model_framing = model_framing.as_str(),
+            data_framing = data_framing.as_str(),
+        )));
+    }
     let (model_fov, data_fov) = (model.info().field_of_view_mm, dataset.json.field_of_view_mm);
     if model_fov != data_fov {
         let shown =

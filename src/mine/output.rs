@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::anatomy::pixels;
+use crate::anatomy::pixels::{self, Framing};
 use crate::dataset::{self, ManifestRow, SplitRatios, HU_OFFSET, SPLITS};
 use crate::store::layout::path_component;
 
@@ -54,6 +54,9 @@ pub struct MineJson {
     /// `mine.field_of_view_mm` when the folder was made (absent: images fitted whole).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field_of_view_mm: Option<f64>,
+    /// `mine.framing` when the folder was made (absent: whole, as before the key existed).
+    #[serde(default)]
+    pub framing: Framing,
     pub split: String,
     pub created_at: i64,
 }
@@ -119,6 +122,7 @@ impl Output {
         keyer: &Keyer,
         image_size: usize,
         field_of_view_mm: Option<f64>,
+        framing: Framing,
         split: &str,
     ) -> Result<Output, OutputError> {
         let marker = dir.join("mine.json");
@@ -163,6 +167,14 @@ impl Output {
                     shown(field_of_view_mm)
                 )));
             }
+            if json.framing != framing {
+                return Err(OutputError::Refused(format!(
+                    "{} holds images framed {:?}, mine.framing is {:?}; use a new --out",
+                    dir.display(),
+                    json.framing.as_str(),
+                    framing.as_str()
+                )));
+            }
             if json.split != split {
                 return Err(OutputError::Refused(format!(
                     "{} was split {}, mine.split is {split}: patients would change splits; use a new --out",
@@ -179,6 +191,7 @@ impl Output {
                 key_check: keyer.key_check(),
                 image_size,
                 field_of_view_mm,
+                framing,
                 split: split.to_string(),
                 created_at: super::state::now(),
             };
@@ -348,6 +361,7 @@ fn dataset_json(
         "format": dataset::FORMAT,
         "input_size": mine.image_size,
         "field_of_view_mm": mine.field_of_view_mm,
+        "framing": mine.framing,
         "hu_offset": HU_OFFSET,
         "images": rows.len(),
         "patients": patients.len(),
@@ -404,23 +418,48 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let keyer = Keyer::new("0123456789abcdef", SplitRatios::default()).unwrap();
         let out = dir.path().join("ds");
-        let first = Output::open(&out, &keyer, 64, None, "70,15,15").unwrap();
-        let again = Output::open(&out, &keyer, 64, None, "70,15,15").unwrap();
+        let first = Output::open(&out, &keyer, 64, None, Framing::Whole, "70,15,15").unwrap();
+        let again = Output::open(&out, &keyer, 64, None, Framing::Whole, "70,15,15").unwrap();
         assert_eq!(first.json, again.json);
         let other = Keyer::new("another secret!!", SplitRatios::default()).unwrap();
-        assert!(Output::open(&out, &other, 64, None, "70,15,15").is_err());
-        assert!(Output::open(&out, &keyer, 128, None, "70,15,15").is_err());
-        assert!(Output::open(&out, &keyer, 64, Some(500.0), "70,15,15").is_err());
-        assert!(Output::open(&out, &keyer, 64, None, "60,20,20").is_err());
+        assert!(Output::open(&out, &other, 64, None, Framing::Whole, "70,15,15").is_err());
+        assert!(Output::open(&out, &keyer, 128, None, Framing::Whole, "70,15,15").is_err());
+        assert!(Output::open(&out, &keyer, 64, Some(500.0), Framing::Whole, "70,15,15").is_err());
+        assert!(Output::open(&out, &keyer, 64, None, Framing::Whole, "60,20,20").is_err());
+        let framed = Output::open(&out, &keyer, 64, None, Framing::Body, "70,15,15");
+        match framed {
+            Err(OutputError::Refused(m)) => {
+                assert!(
+                    m.contains("framed \"whole\"") && m.contains("\"body\""),
+                    "{m}"
+                )
+            }
+            other => panic!("body framing into a whole-image folder: {:?}", other.err()),
+        }
+        // a folder made with body framing says so, and takes only body-framed images
+        let body = dir.path().join("body");
+        let made = Output::open(&body, &keyer, 64, None, Framing::Body, "70,15,15").unwrap();
+        assert_eq!(made.json.framing, Framing::Body);
+        let text = std::fs::read_to_string(body.join("mine.json")).unwrap();
+        assert!(text.contains("\"framing\": \"body\""), "{text}");
+        assert!(Output::open(&body, &keyer, 64, None, Framing::Body, "70,15,15").is_ok());
+        assert!(Output::open(&body, &keyer, 64, None, Framing::Whole, "70,15,15").is_err());
+        // a mine.json written before `framing` existed holds whole images
+        let old: MineJson = serde_json::from_str(
+            r#"{"format":"anatomy-node-mine/1","dataset_id":"x","key_check":"y",
+                "image_size":64,"split":"70,15,15","created_at":0}"#,
+        )
+        .unwrap();
+        assert_eq!(old.framing, Framing::Whole);
         std::fs::write(dir.path().join("x.txt"), "x").unwrap();
-        assert!(Output::open(dir.path(), &keyer, 64, None, "70,15,15").is_err());
+        assert!(Output::open(dir.path(), &keyer, 64, None, Framing::Whole, "70,15,15").is_err());
     }
 
     #[test]
     fn the_index_is_rewritten_and_strays_removed() {
         let dir = tempfile::tempdir().unwrap();
         let keyer = Keyer::new("0123456789abcdef", SplitRatios::default()).unwrap();
-        let out = Output::open(dir.path(), &keyer, 8, None, "70,15,15").unwrap();
+        let out = Output::open(dir.path(), &keyer, 8, None, Framing::Whole, "70,15,15").unwrap();
         let name = Output::image_name("1.2.3", 0, false);
         write_image(dir.path(), &name, 8, &[0.0; 64]).unwrap();
         write_image(dir.path(), "images/stray.png", 8, &[0.0; 64]).unwrap();
@@ -444,6 +483,7 @@ mod tests {
             serde_json::from_slice(&std::fs::read(dir.path().join("dataset.json")).unwrap())
                 .unwrap();
         assert_eq!(json["images"], 1);
+        assert_eq!(json["framing"], "whole");
         assert_eq!(json["format"], dataset::FORMAT);
         assert_eq!(Output::image_name("1.2.3", 4, true), "images/1.2.3_5.png");
     }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::anatomy::pixels::Framing;
 use crate::dataset::{SplitRatios, LABELS};
 
 /// How instances come back from the archive.
@@ -99,6 +100,9 @@ pub struct MineConfig {
     pub image_size: usize,
     /// Millimetres each image spans (the model's `field_of_view_mm`); none: fitted whole.
     pub field_of_view_mm: Option<f64>,
+    /// How each image is framed without a field of view (the model's `framing`): the whole
+    /// image, or the square around the body. `body` excludes `field_of_view_mm`.
+    pub framing: Framing,
     /// Shares of patients for train, val, test.
     pub split: String,
     /// Key-images per series for labels given to a whole series or study.
@@ -132,6 +136,7 @@ impl Default for MineConfig {
             modality: "CT".into(),
             image_size: 192,
             field_of_view_mm: None,
+            framing: Framing::Whole,
             split: "70,15,15".into(),
             series_key_images: 8,
             lookback_days: 7,
@@ -296,6 +301,13 @@ pub fn validate(archive: &ArchiveConfig, mine: &MineConfig) -> Result<(), String
     {
         return Err("mine.field_of_view_mm must be between 10 and 2000 (mm)".into());
     }
+    if let (Framing::Body, Some(mm)) = (mine.framing, mine.field_of_view_mm) {
+        return Err(format!(
+            "mine.framing = \"body\" and mine.field_of_view_mm = {mm} exclude each other: \
+             images are framed around the body or as a fixed field of view; set one of them \
+             (field_of_view_mm = 0 or framing = \"whole\")"
+        ));
+    }
     mine.split_ratios()?;
     mine.window()?;
     if mine.series_key_images == 0 || mine.max_concurrent_retrieves == 0 || mine.max_attempts == 0 {
@@ -417,6 +429,28 @@ mod tests {
                 .collect();
             assert_eq!(documented, fields, "{header} in config.toml");
         }
+    }
+
+    #[test]
+    fn body_framing_excludes_a_field_of_view() {
+        let archive = ArchiveConfig::default();
+        let mut mine = MineConfig {
+            framing: Framing::Body,
+            ..MineConfig::default()
+        };
+        assert!(validate(&archive, &mine).is_ok());
+        mine.field_of_view_mm = Some(500.0);
+        let err = validate(&archive, &mine).unwrap_err();
+        assert!(
+            err.contains("mine.framing") && err.contains("mine.field_of_view_mm = 500"),
+            "{err}"
+        );
+        mine.framing = Framing::Whole;
+        assert!(validate(&archive, &mine).is_ok());
+        // TOML and environment variables give it as text
+        let parsed: MineConfig = serde_json::from_str(r#"{"framing": "body"}"#).unwrap();
+        assert_eq!(parsed.framing, Framing::Body);
+        assert!(serde_json::from_str::<MineConfig>(r#"{"framing": "tight"}"#).is_err());
     }
 
     #[test]

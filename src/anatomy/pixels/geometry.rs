@@ -1,4 +1,5 @@
-//! Contract steps 3–5: canonical orientation, pad to a square of air, resize.
+//! Contract steps 3–5: canonical orientation, pad to a square of air (or cut a fixed field
+//! of view), resize. Body framing, the third way of step 4, is in `body.rs`.
 
 use super::{HuImage, AIR_HU};
 
@@ -127,7 +128,9 @@ pub fn pad_to_square(image: &HuImage) -> HuImage {
         rows,
         columns,
         hu,
-        ..image.clone()
+        frame: image.frame,
+        pixel_spacing: image.pixel_spacing,
+        orientation: image.orientation,
     }
 }
 
@@ -151,15 +154,18 @@ pub fn fixed_field(image: &HuImage, field_of_view_mm: f64) -> Option<HuImage> {
     // that the window and the image share their centre.
     let top = (image.rows as i64 - rows as i64).div_euclid(2);
     let left = (image.columns as i64 - columns as i64).div_euclid(2);
+    Some(cut_window(image, top, left, rows, columns))
+}
+
+/// The `rows × columns` window of `image` whose first pixel is at (`top`, `left`); the
+/// offsets may be negative and the window may run past the image: air ([`AIR_HU`]) there.
+pub fn cut_window(image: &HuImage, top: i64, left: i64, rows: usize, columns: usize) -> HuImage {
     let mut hu = vec![AIR_HU; rows * columns];
+    let first = left.max(0);
+    let last = (left + columns as i64).min(image.columns as i64);
     for r in 0..rows {
         let source_row = top + r as i64;
-        if source_row < 0 || source_row >= image.rows as i64 {
-            continue;
-        }
-        let first = left.max(0);
-        let last = (left + columns as i64).min(image.columns as i64);
-        if first >= last {
+        if source_row < 0 || source_row >= image.rows as i64 || first >= last {
             continue;
         }
         let source = source_row as usize * image.columns;
@@ -168,12 +174,14 @@ pub fn fixed_field(image: &HuImage, field_of_view_mm: f64) -> Option<HuImage> {
         hu[target..target + n]
             .copy_from_slice(&image.hu[source + first as usize..source + last as usize]);
     }
-    Some(HuImage {
+    HuImage {
         rows,
         columns,
         hu,
-        ..image.clone()
-    })
+        frame: image.frame,
+        pixel_spacing: image.pixel_spacing,
+        orientation: image.orientation,
+    }
 }
 
 fn padded_shape(rows: usize, columns: usize, spacing: Option<[f64; 2]>) -> (usize, usize) {

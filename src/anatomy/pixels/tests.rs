@@ -677,6 +677,111 @@ fn without_pixel_spacing_the_whole_image_is_fitted() {
     assert!(fixed_field(&broken, 100.0).is_none());
 }
 
+// --- step 4, body framing ---
+
+/// `rows × columns` of air with `value` in rows `r` and columns `c`.
+fn block(
+    rows: usize,
+    columns: usize,
+    r: std::ops::Range<usize>,
+    c: std::ops::Range<usize>,
+) -> Vec<f32> {
+    (0..rows * columns)
+        .map(|i| {
+            if r.contains(&(i / columns)) && c.contains(&(i % columns)) {
+                200.0
+            } else {
+                AIR_HU
+            }
+        })
+        .collect()
+}
+
+/// Rows and columns (first, one past the last) of an `S×S` output that hold body.
+fn body_extent(out: &[f32], size: usize) -> ((usize, usize), (usize, usize)) {
+    let body = |i: usize| out[i] > -300.0;
+    let rows: Vec<usize> = (0..size)
+        .filter(|r| (0..size).any(|c| body(r * size + c)))
+        .collect();
+    let columns: Vec<usize> = (0..size)
+        .filter(|c| (0..size).any(|r| body(r * size + c)))
+        .collect();
+    let span = |v: &[usize]| (v[0], v[v.len() - 1] + 1);
+    (span(&rows), span(&columns))
+}
+
+fn body_framed(img: &HuImage, size: usize) -> Vec<f32> {
+    preprocess(img, &Preprocessing::new(size).with_framing(Framing::Body))
+}
+
+#[test]
+fn body_framing_fills_the_input_with_an_off_centre_body() {
+    // a 60 × 120 pixel body in the top left corner of a 256 × 256 image
+    let img = image(256, 256, block(256, 256, 10..70, 20..140));
+    let size = 64;
+    let ((r0, r1), (c0, c1)) = body_extent(&body_framed(&img, size), size);
+    // the longer side fills S / 1.1 (5 % margin each side), about 58 pixels...
+    assert!((56..=60).contains(&(c1 - c0)), "columns {c0}..{c1}");
+    assert!((27..=31).contains(&(r1 - r0)), "rows {r0}..{r1}");
+    // ...centred
+    let centre = |a: usize, b: usize| (a + b) as f64 / 2.0;
+    assert!((centre(r0, r1) - 32.0).abs() <= 1.5, "rows {r0}..{r1}");
+    assert!((centre(c0, c1) - 32.0).abs() <= 1.5, "columns {c0}..{c1}");
+    // fitted whole it is a quarter of that, in the corner
+    let ((_, _), (w0, w1)) = body_extent(&to_model_input(&img, size), size);
+    assert!(w1 - w0 <= 31 && w0 <= 6, "whole: columns {w0}..{w1}");
+}
+
+#[test]
+fn a_thin_couch_far_from_the_body_does_not_widen_the_box() {
+    let size = 64;
+    let body = block(size, size, 4..20, 8..40);
+    let mut with_couch = body.clone();
+    // a 1-pixel couch top of 100 HU across the whole image, far below the body, and a
+    // 1-pixel board edge down the right-hand side
+    for c in 0..size {
+        with_couch[58 * size + c] = 100.0;
+    }
+    for r in 0..size {
+        with_couch[r * size + 62] = 100.0;
+    }
+    let alone = body_framed(&image(size, size, body), size);
+    assert_eq!(body_framed(&image(size, size, with_couch), size), alone);
+    let ((r0, r1), (c0, c1)) = body_extent(&alone, size);
+    assert!(c1 - c0 >= 56 && r1 - r0 <= 31, "{r0}..{r1} × {c0}..{c1}");
+}
+
+#[test]
+fn without_a_body_body_framing_fits_the_whole_image() {
+    let air = image(40, 30, vec![AIR_HU; 1200]);
+    assert_eq!(body_framed(&air, 16), to_model_input(&air, 16));
+    // a stray bright pixel is not a body either
+    let mut speck = vec![AIR_HU; 1200];
+    speck[20 * 30 + 15] = 1000.0;
+    let speck = image(40, 30, speck);
+    assert_eq!(body_framed(&speck, 16), to_model_input(&speck, 16));
+}
+
+#[test]
+fn body_framing_keeps_the_aspect_of_rectangular_pixels() {
+    // 128 rows of 0.5 mm × 64 columns of 1 mm; the body is 20 mm × 20 mm: 40 rows × 20 columns
+    let img = spaced(128, 64, [0.5, 1.0], block(128, 64, 10..50, 30..50));
+    let size = 32;
+    let ((r0, r1), (c0, c1)) = body_extent(&body_framed(&img, size), size);
+    let (height, width) = (r1 - r0, c1 - c0);
+    assert!(height.abs_diff(width) <= 1, "{height} × {width}");
+    assert!((27..=31).contains(&height), "{height} × {width}");
+}
+
+#[test]
+fn body_framing_is_exactly_the_crop_of_the_padded_image() {
+    // the contract's steps on a small image, by hand: body rows 2..6, columns 2..10 of a
+    // 12 × 12 image at S = 12; side 8 · 1.1 = 8.8 → 9 pixels from (round(4 − 4.5), round(6 − 4.5))
+    let img = image(12, 12, block(12, 12, 2..6, 2..10));
+    let window = cut_window(&pad_to_square(&img), -1, 2, 9, 9);
+    assert_eq!(body_framed(&img, 12), resize(&window, 12, 12));
+}
+
 // --- step 5: resize ---
 
 #[test]

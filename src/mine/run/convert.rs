@@ -15,7 +15,7 @@ use dicom_object::OpenFileOptions;
 
 use super::summary::add;
 use super::{MineError, Miner, Patient, LOCATE_CHUNK};
-use crate::anatomy::pixels::{self, Preprocessing};
+use crate::anatomy::pixels::{self, Framing, Preprocessing};
 use crate::anatomy::select::{self, Instance, KeyImageCount, Selection, SelectionRules};
 use crate::dataset::ManifestRow;
 use crate::mine::archive::{Level, Query};
@@ -147,6 +147,7 @@ impl Miner {
         let job = SeriesJob {
             size: self.output.json.image_size,
             field_of_view_mm: self.output.json.field_of_view_mm,
+            framing: self.output.json.framing,
             dir: self.output.dir.clone(),
             tolerance: self.config.classifier.axial_tolerance_deg,
             study_uid: study_uid.to_string(),
@@ -185,6 +186,7 @@ fn by_series(todo: Vec<Decision>) -> BTreeMap<String, Vec<Decision>> {
 struct SeriesJob {
     size: usize,
     field_of_view_mm: Option<f64>,
+    framing: Framing,
     dir: PathBuf,
     tolerance: f64,
     study_uid: String,
@@ -201,6 +203,7 @@ impl SeriesJob {
             size: self.size,
             axial_tolerance_deg: self.tolerance,
             field_of_view_mm: self.field_of_view_mm,
+            framing: self.framing,
         }
     }
 

@@ -115,6 +115,7 @@ pub(super) fn open_output(out: &Path, config: &Config, keyer: &Keyer) -> Result<
         keyer,
         config.mine.image_size,
         config.mine.field_of_view_mm,
+        config.mine.framing,
         &config.mine.split,
     )
     .map_err(|e| match e {
