@@ -24,6 +24,8 @@ import numpy as np
 CLASSES = ("neck", "lungs", "liver", "pelvis", "legs", "other")
 AMBIGUOUS = "ambiguous"
 DATASET_FORMAT = "anatomy-node-dataset/1"
+# Contract step 4 (docs/contracts.md): how an image becomes the square the model sees.
+FRAMINGS = ("whole", "body")
 MANIFEST_COLUMNS = (
     "image", "patient_key", "study_uid", "series_uid", "sop_instance_uid",
     "z_mm", "label", "label_source", "split",
@@ -59,6 +61,15 @@ class Dataset:
         mm = self.info.get("field_of_view_mm")
         return None if mm is None else float(mm)
 
+    @property
+    def framing(self) -> str:
+        """How every image was framed (`dataset build --framing`): "whole" (the image fitted
+        whole, or a fixed field of view) or "body" (the square around the body, resized)."""
+        framing = self.info.get("framing") or "whole"
+        if framing not in FRAMINGS:
+            raise ValueError(f"{self.source}: dataset.json framing {framing!r} is not one of {list(FRAMINGS)}")
+        return framing
+
     def targets(self, classes=CLASSES) -> np.ndarray:
         """Class index per image; -1 for `ambiguous` (never trained on nor scored)."""
         index = {c: i for i, c in enumerate(classes)}
@@ -86,6 +97,7 @@ class Dataset:
             name = self.info["labels_file"]
             ratios = "/".join(f"{float(v):g}" for v in self.info.get("split_ratios", []))
             fov = f", field of view {self.field_of_view_mm:g} mm" if self.field_of_view_mm else ""
+            fov += ", framed to the body" if self.framing == "body" else ""
             build = (f"anatomy-node dataset build, {build}, size {self.input_size}{fov}, "
                      f"seed {self.info.get('seed')}, split {ratios}")
         parts = [f"{name} ({build})",

@@ -50,6 +50,9 @@ def metadata(ckpt: dict, model_version: str | None = None, trained_on: str | Non
     if ckpt.get("field_of_view_mm"):
         # the node then shows the model this many millimetres of every image (docs/contracts.md)
         meta["field_of_view_mm"] = fmt(ckpt["field_of_view_mm"])
+    if ckpt.get("framing", "whole") != "whole":
+        # the node then cuts the square around the body out of every image (docs/contracts.md)
+        meta["framing"] = ckpt["framing"]
     return meta
 
 
@@ -142,4 +145,8 @@ def check_metadata(meta: dict[str, str], input_shape=None, num_outputs=None) -> 
         problems.append("temperature: not > 0")
     if "field_of_view_mm" in meta and not 10 <= float(meta["field_of_view_mm"]) <= 2000:
         problems.append("field_of_view_mm: not between 10 and 2000")
+    if meta.get("framing", "whole") not in ("whole", "body"):
+        problems.append(f"framing: {meta['framing']!r} is neither 'whole' nor 'body'")
+    if meta.get("framing") == "body" and "field_of_view_mm" in meta:
+        problems.append("framing: 'body' and field_of_view_mm exclude each other")
     return problems

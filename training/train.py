@@ -134,7 +134,7 @@ def predict_logits(model, hu: torch.Tensor, low: float, high: float, batch_size:
 
 def save_checkpoint(path: Path, model, cfg: TrainConfig, ds_summary: str, input_size: int,
                     temperature: float, epoch: int, scores: dict,
-                    field_of_view_mm: float | None = None) -> None:
+                    field_of_view_mm: float | None = None, framing: str = "whole") -> None:
     state = {k: v.detach().cpu() for k, v in _plain(model).state_dict().items()}
     torch.save({
         "format": CHECKPOINT_FORMAT,
@@ -143,6 +143,7 @@ def save_checkpoint(path: Path, model, cfg: TrainConfig, ds_summary: str, input_
         "classes": list(cfg.classes),
         "input_size": int(input_size),
         "field_of_view_mm": field_of_view_mm,
+        "framing": framing,
         "hu_window": [float(v) for v in cfg.hu_window],
         "temperature": float(temperature),
         "model_version": cfg.model_version,
@@ -350,7 +351,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
 
     ckpt_path = out / "model.pt"
     save_checkpoint(ckpt_path, model, cfg, summary, S, temperature, best_epoch,
-                    {k: v for k, v in scores.items() if k != "history"}, ds.field_of_view_mm)
+                    {k: v for k, v in scores.items() if k != "history"}, ds.field_of_view_mm, ds.framing)
     (out / "config.json").write_text(json.dumps(cfg.to_dict() | {"input_size": S, "trained_on": summary}, indent=2))
     (out / "metrics.json").write_text(json.dumps(scores, indent=2, default=float))
     log(f"checkpoint: {ckpt_path}")

@@ -53,6 +53,7 @@ def test_onnx_metadata_is_the_contract(trained):
     assert float(meta["temperature"]) == pytest.approx(scores["temperature"])
     assert all(isinstance(v, str) for v in meta.values())
     assert "field_of_view_mm" not in meta  # the synthetic dataset is fitted whole
+    assert "framing" not in meta
 
 
 def test_check_metadata_names_the_bad_key():
@@ -65,6 +66,9 @@ def test_check_metadata_names_the_bad_key():
     assert check_metadata({k: v for k, v in good.items() if k != "trained_on"}) == ["missing trained_on"]
     assert check_metadata(good | {"field_of_view_mm": "500"}) == []
     assert any("field_of_view_mm" in p for p in check_metadata(good | {"field_of_view_mm": "0"}))
+    assert check_metadata(good | {"framing": "body"}) == []
+    assert any("framing" in p for p in check_metadata(good | {"framing": "tight"}))
+    assert any("framing" in p for p in check_metadata(good | {"framing": "body", "field_of_view_mm": "500"}))
 
 
 def test_the_datasets_field_of_view_reaches_the_model(synthetic_dataset, tmp_path):
@@ -79,6 +83,29 @@ def test_the_datasets_field_of_view_reaches_the_model(synthetic_dataset, tmp_pat
     assert cli.main(["export", str(tmp_path / "run" / "model.pt"), str(tmp_path / "m.onnx")]) == 0
     meta = read_metadata(tmp_path / "m.onnx")
     assert meta["field_of_view_mm"] == "480"
+
+
+def test_a_body_framed_dataset_makes_a_body_framed_model(synthetic_dataset, tmp_path):
+    import shutil
+    folder = tmp_path / "body"
+    shutil.copytree(synthetic_dataset, folder)
+    info = json.loads((folder / "dataset.json").read_text())
+    (folder / "dataset.json").write_text(json.dumps(info | {"framing": "body"}))
+    assert cli.main(["train", "--data", str(folder), "--out", str(tmp_path / "run"), "--epochs", "1",
+                     "--width", "8", "--batch-size", "16", "--limit", "30"]) == 0
+    assert cli.main(["export", str(tmp_path / "run" / "model.pt"), str(tmp_path / "m.onnx")]) == 0
+    meta = read_metadata(tmp_path / "m.onnx")
+    assert meta["framing"] == "body" and "field_of_view_mm" not in meta
+
+
+def test_an_unknown_framing_is_refused(synthetic_dataset, tmp_path):
+    import shutil
+    folder = tmp_path / "odd"
+    shutil.copytree(synthetic_dataset, folder)
+    info = json.loads((folder / "dataset.json").read_text())
+    (folder / "dataset.json").write_text(json.dumps(info | {"framing": "tight"}))
+    with pytest.raises(ValueError, match="framing 'tight'"):
+        data.load(folder).framing
 
 
 def test_onnx_matches_torch_on_preprocessed_images(trained, synthetic_dataset):

@@ -12,6 +12,7 @@
 # long as the shipped training (~10-25 min on 2 CPU cores). Environment:
 #   DATA=../shared/data/ct   RUN=training/runs/lso   PY=training/.venv/bin/python   DEVICE=cpu
 #   PACKED=training/runs/shipped/dataset.npz   (the shipped dataset; reproduce.sh builds it)
+#   EXTRA_TRAIN_ARGS="--scale 0.8,1.15"       (options added after the shipped recipe's: a variant)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data/ct}
@@ -29,7 +30,7 @@ for source in "${sources[@]}"; do
     "$PY" training/tools/hold_out.py "$PACKED" "$out/dataset.npz" --source "$source-" \
         --labels "$DATA/labels.csv" --to test --rest-to train
     "$PY" -m training train --data "$out/dataset.npz" --out "$out/train" --device "$DEVICE" \
-        "${SHIPPED_TRAIN_ARGS[@]}" --model-version "lso-without-$source" > "$out/train.log" 2>&1
+        "${SHIPPED_TRAIN_ARGS[@]}" ${EXTRA_TRAIN_ARGS:-} --model-version "lso-without-$source" > "$out/train.log" 2>&1
     echo "== without $source: test = $source alone"
     grep -A8 "^test (calibrated)" "$out/train.log" || grep "test" "$out/train.log" | tail -3
 done
