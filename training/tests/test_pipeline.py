@@ -181,3 +181,37 @@ def test_trains_without_validation_patients(tmp_path):
         w.writerows(rows)
     scores = run(_cfg(ds, tmp_path / "run", epochs=2, width=4), log=lambda *_: None)
     assert scores["best_epoch"] == 2 and scores["temperature"] == 1.0 and "val" not in scores
+
+
+def test_weight_average_follows_the_weights_with_a_ramped_decay():
+    from training.train import WeightAverage
+
+    model = torch.nn.BatchNorm1d(2)
+    average = WeightAverage(model, 0.9)
+    with torch.no_grad():
+        model.weight.fill_(3.0)  # the initial weight is 1
+        model.running_mean.fill_(2.0)
+        model.num_batches_tracked.fill_(7)
+    average.update(model)  # first decay: min(0.9, 1/10) = 0.1
+    assert torch.allclose(average.model.weight, torch.full((2,), 0.1 * 1 + 0.9 * 3))
+    assert torch.allclose(average.model.running_mean, torch.full((2,), 0.9 * 2))
+    assert int(average.model.num_batches_tracked) == 7
+    average.update(model)  # second decay: min(0.9, 2/11)
+    d = 2 / 11
+    assert torch.allclose(average.model.weight, torch.full((2,), d * 2.8 + (1 - d) * 3))
+    assert not average.model.weight.requires_grad
+    with pytest.raises(ValueError, match="ema 1.0"):
+        WeightAverage(model, 1.0)
+
+
+def test_a_run_with_a_weight_average_keeps_and_exports_the_average(trained, synthetic_dataset, tmp_path):
+    plain_dir, plain, _ = trained
+    averaged = run(_cfg(synthetic_dataset, tmp_path, ema=0.9), log=lambda *_: None)
+    assert averaged["test"]["error"] <= 0.2 and averaged["test"]["mean_auc"] >= 0.95
+    a = torch.load(plain_dir / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert a["train_config"]["ema"] == 0.0 and b["train_config"]["ema"] == 0.9
+    assert any(not torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert plain["val"]["nll"] != averaged["val"]["nll"]
+    export(tmp_path / "model.pt", tmp_path / "model.onnx")
+    assert check_metadata(read_metadata(tmp_path / "model.onnx")) == []

@@ -421,4 +421,49 @@ mod tests {
             Err("burned-in annotation (0028,0301) YES".to_string())
         );
     }
+
+    #[test]
+    fn a_body_framed_folder_gets_body_framed_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = crate::synth::SeriesSpec::new(1, 2, 64);
+        let path = dir.path().join("0.dcm");
+        crate::synth::ct_slice(&spec, 1)
+            .write_to_file(&path)
+            .unwrap();
+        let decision = Decision {
+            sop_instance_uid: spec.sop_uid(1),
+            frame: 0,
+            whole_image: true,
+            series_uid: None,
+            label: "lungs".into(),
+            label_source: "mined:ris".into(),
+        };
+        let converted = |framing| {
+            let job = Preprocessing {
+                framing,
+                ..Preprocessing::new(32)
+            };
+            let mut images = decode_file(&path, std::slice::from_ref(&decision), &job).unwrap();
+            assert_eq!(images.len(), 1);
+            (images.remove(0).unwrap().0, job)
+        };
+        let (whole, _) = converted(Framing::Whole);
+        let (body, job) = converted(Framing::Body);
+        let image = pixels::hu_frames(&path).unwrap().remove(0);
+        assert_eq!(body, pixels::preprocess(&image, &job));
+        // the phantom's body (a lower slice: no lungs), an ellipse over 80 % of the width, is 38 %
+        // of the whole image and 49 % of the square around it with its margin
+        let body_share =
+            |hu: &[f32]| hu.iter().filter(|&&v| v > -300.0).count() as f64 / hu.len() as f64;
+        assert!(
+            (0.36..0.40).contains(&body_share(&whole)),
+            "{}",
+            body_share(&whole)
+        );
+        assert!(
+            (0.46..0.52).contains(&body_share(&body)),
+            "{}",
+            body_share(&body)
+        );
+    }
 }
