@@ -59,6 +59,11 @@ class AugmentConfig:
     # for crops that are not already wide (bounding box at most pair_max_aspect as wide as high).
     pair_true_size: bool = False
     pair_max_aspect: float = 1.3
+    # Probability of stripping the background (strip_background): the couch, a board, a mask,
+    # cables, whatever lies outside the body, set to air. Sources differ here too (the OpenKBP
+    # planning CTs are masked to the body, diagnostic CTs show the couch, and pairs of crops are
+    # drawn on clean air), so a clean background must not tell the class.
+    strip_p: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,6 +171,27 @@ def _true_size_pairs(hu: torch.Tensor, pick: torch.Tensor, rand: torch.Tensor,
     return out
 
 
+def opening_side(size: int) -> int:
+    """The node's body-framing opening (src/anatomy/pixels/body.rs): max(3, floor(0.03 S) | 1)."""
+    return max(3, int(0.03 * size) | 1)
+
+
+def strip_background(hu: torch.Tensor, body_hu: float = -300.0) -> torch.Tensor:
+    """HU batch [n,1,S,S] with everything outside the body set to air.
+
+    The body is what is above `body_hu` once thin things (a couch top, a mask's mesh, a cable)
+    are opened away, as in the node's body framing, plus everything it encloses: a pixel with
+    body to its left, right, above and below (the lungs and their vessels, the bowel gas)."""
+    k = opening_side(hu.shape[-1])
+    air_mask = (hu <= body_hu).float()
+    eroded = 1.0 - F.max_pool2d(air_mask, k, stride=1, padding=k // 2)
+    body = F.max_pool2d(eroded, k, stride=1, padding=k // 2)
+    ahead = lambda t, dim: t.cummax(dim).values
+    behind = lambda t, dim: t.flip(dim).cummax(dim).values.flip(dim)
+    inside = ahead(body, -1) * behind(body, -1) * ahead(body, -2) * behind(body, -2)
+    return torch.where(inside > 0, hu, torch.full_like(hu, AIR_HU))
+
+
 def augment(hu: torch.Tensor, low: float, high: float, cfg: AugmentConfig,
             gen: torch.Generator, pair: torch.Tensor | None = None) -> torch.Tensor:
     """HU batch [n,1,S,S] (float, any device) → augmented unit-normalised batch in [0, 1].
@@ -176,6 +202,9 @@ def augment(hu: torch.Tensor, low: float, high: float, cfg: AugmentConfig,
     dev = hu.device
     if pair is not None and cfg.pair_p > 0:
         hu = pair_composite(hu, pair, cfg, gen)
+    if cfg.strip_p > 0:
+        strip = (torch.rand(n, generator=gen) < cfg.strip_p).to(dev).view(n, 1, 1, 1)
+        hu = torch.where(strip, strip_background(hu), hu)
     per = lambda t: t.to(dev).view(n, 1, 1, 1)
     scale = per(_uniform(n, 1 - cfg.hu_scale, 1 + cfg.hu_scale, gen))
     offset = per(_uniform(n, -cfg.hu_offset, cfg.hu_offset, gen))

@@ -40,7 +40,7 @@ def cmd_train(a) -> int:
     aug = AugmentConfig(
         rotate_deg=a.rotate, scale_min=a.scale[0], scale_max=a.scale[1], translate=a.translate, elastic_sigma=a.elastic,
         elastic_grid=a.elastic_grid, hflip=a.hflip, hu_scale=a.hu_scale, hu_offset=a.hu_offset,
-        noise_hu=a.noise_hu, lowres_p=a.lowres_p, lowres_min=a.lowres_min,
+        noise_hu=a.noise_hu, lowres_p=a.lowres_p, lowres_min=a.lowres_min, strip_p=a.strip_p,
         pair_p=a.pair_p, pair_scale_min=a.pair_scale[0], pair_scale_max=a.pair_scale[1],
         pair_min_fill=a.pair_min_fill, pair_true_size=a.pair_true_size,
     )
@@ -254,6 +254,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-hu", type=float, default=da.noise_hu, help="Gaussian noise std up to this many HU")
     g.add_argument("--lowres-p", type=float, default=da.lowres_p, help="probability of a down-and-up-sampling (resolution jitter)")
     g.add_argument("--lowres-min", type=float, default=da.lowres_min, help="smallest down-sampling factor")
+    g.add_argument("--strip-p", type=float, default=da.strip_p,
+                   help="probability of setting everything outside the body (couch, board, mask) to air")
     g.add_argument("--pair-p", type=float, default=da.pair_p,
                    help="probability that a crop of a --pair-classes class becomes two shrunken copies side by side (one mirrored)")
     g.add_argument("--pair-scale", type=_floats, default=(da.pair_scale_min, da.pair_scale_max),

@@ -49,3 +49,27 @@ def test_grid_is_smooth_and_bounded():
     assert g.shape == (4, 64, 64, 2)
     step = (g[:, 1:] - g[:, :-1]).abs().max()
     assert step < 0.2  # neighbouring pixels stay neighbours: no tearing
+
+
+def test_strip_background_keeps_the_body_and_what_it_encloses():
+    from training.augment import strip_background
+
+    hu = torch.full((1, 1, 64, 64), -1000.0)
+    hu[0, 0, 10:40, 8:56] = 40.0  # the body
+    hu[0, 0, 15:35, 14:30] = -850.0  # a lung inside it...
+    hu[0, 0, 25, 20] = 60.0  # ...with a vessel
+    hu[0, 0, 44, 2:62] = 300.0  # a couch top, one pixel thin, below the body
+    hu[0, 0, 50:52, 60:62] = 500.0  # a marker in the corner, 2 x 2
+    out = strip_background(hu)
+    assert torch.equal(out[0, 0, 10:40, 8:56], hu[0, 0, 10:40, 8:56])  # body, lung, vessel kept
+    assert (out[0, 0, 44] == -1024.0).all() and (out[0, 0, 50:52, 60:62] == -1024.0).all()
+    assert (out[0, 0, :10] == -1024.0).all()  # air stays air
+
+
+def test_strip_p_strips_some_images():
+    hu = torch.full((8, 1, 40, 40), -1000.0)
+    hu[:, :, 5:30, 5:35] = 40.0
+    hu[:, :, 35, :] = 300.0  # the couch
+    on = augment(hu, -100, 200, OFF.__class__(**(OFF.to_dict() | {"strip_p": 0.5})), torch.Generator().manual_seed(1))
+    couch_seen = on[:, 0, 35].amax(dim=1) > 0.5
+    assert 0 < int(couch_seen.sum()) < 8
