@@ -203,8 +203,10 @@ def augment(hu: torch.Tensor, low: float, high: float, cfg: AugmentConfig,
     if pair is not None and cfg.pair_p > 0:
         hu = pair_composite(hu, pair, cfg, gen)
     if cfg.strip_p > 0:
-        strip = (torch.rand(n, generator=gen) < cfg.strip_p).to(dev).view(n, 1, 1, 1)
-        hu = torch.where(strip, strip_background(hu), hu)
+        strip = torch.rand(n, generator=gen) < cfg.strip_p
+        if strip.any():  # only the drawn images pay for the mask
+            idx = strip.nonzero().squeeze(1).to(dev)
+            hu = hu.index_copy(0, idx, strip_background(hu[idx]))
     per = lambda t: t.to(dev).view(n, 1, 1, 1)
     scale = per(_uniform(n, 1 - cfg.hu_scale, 1 + cfg.hu_scale, gen))
     offset = per(_uniform(n, -cfg.hu_offset, cfg.hu_offset, gen))

@@ -174,6 +174,20 @@ def pack(folder: str | Path, out: str | Path) -> Path:
     return out
 
 
+def read_npz_arrays(path: str | Path) -> tuple[dict, dict]:
+    """A packed dataset as its raw arrays plus its dataset.json, for tools that rewrite it."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return arrays, json.loads(str(arrays["dataset_json"]))
+
+
+def write_npz_arrays(path: str | Path, arrays: dict, info: dict) -> None:
+    """The inverse of read_npz_arrays: `info` becomes the stored dataset.json."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **(arrays | {"dataset_json": np.array(json.dumps(info))}))
+
+
 def load_npz(path: str | Path, limit: int | None = None) -> Dataset:
     # allow_pickle=False: string arrays are stored as fixed-width unicode, not objects.
     with np.load(path, allow_pickle=False) as z:

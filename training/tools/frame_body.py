@@ -16,12 +16,16 @@ node (which has no such framing).
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a script: make the training package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from training.data import read_npz_arrays, write_npz_arrays  # noqa: E402
 
 BODY_HU = -300.0
 AIR_HU = -1024.0
@@ -76,9 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("dst", help="output .npz")
     p.add_argument("--margin", type=float, default=0.05, help="air around the body, share of its size per side")
     a = p.parse_args(argv)
-    with np.load(a.src, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    info = json.loads(str(arrays["dataset_json"]))
+    arrays, info = read_npz_arrays(a.src)
     if info.get("field_of_view_mm") is not None:
         raise SystemExit(f"{a.src}: built with a fixed field of view; body framing needs whole images")
     offset = int(info.get("hu_offset", 32768))
@@ -91,9 +93,7 @@ def main(argv=None) -> int:
     info["name"] = f"{info.get('name', 'dataset')} (framed to the body, margin {a.margin})"
     info["framing"] = "body"
     info["framing_tool"] = {"margin": a.margin, "body_hu": BODY_HU, "open_share": OPEN_SHARE}
-    arrays["dataset_json"] = np.array(json.dumps(info))
-    Path(a.dst).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(a.dst, **arrays)
+    write_npz_arrays(a.dst, arrays, info)
     print(f"framed {len(images)} images to the body: {a.dst}")
     return 0
 

@@ -20,10 +20,14 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the training package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from training.data import read_npz_arrays, write_npz_arrays  # noqa: E402
 
 
 def patient_key(subject_id: str) -> str:
@@ -57,8 +61,7 @@ def main(argv=None) -> int:
         subjects += sorted(source_subjects(Path(a.labels), prefixes))
     if not subjects:
         raise SystemExit("name the subjects to move: --subjects or --source")
-    with np.load(a.src, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+    arrays, info = read_npz_arrays(a.src)
     keys = {patient_key(s): s for s in subjects}
     moved = np.isin(arrays["patient_key"], list(keys))
     missing = sorted(s for k, s in keys.items() if not (arrays["patient_key"] == k).any())
@@ -69,12 +72,9 @@ def main(argv=None) -> int:
         split[(split == a.to) & ~moved] = a.rest_to
     split[moved] = a.to
     arrays["split"] = split.astype(arrays["split"].dtype)
-    info = json.loads(str(arrays["dataset_json"]))
     what = ", ".join(p + "*" for p in prefixes) if prefixes else ", ".join(keys.values())
     info["name"] = f"{info.get('name', 'dataset')} ({what} moved to {a.to})"
-    arrays["dataset_json"] = np.array(json.dumps(info))
-    Path(a.dst).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(a.dst, **arrays)
+    write_npz_arrays(a.dst, arrays, info)
     print(f"moved {int(moved.sum())} images of {len(keys)} subject(s) to {a.to}: {a.dst}")
     return 0
 

@@ -385,19 +385,23 @@ fn check_frame(decision: &Decision, frames: u32) -> Result<(), SkipReason> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn images_with_burned_in_annotation_are_refused() {
-        use dicom_core::{DataElement, PrimitiveValue, VR};
-        let dir = tempfile::tempdir().unwrap();
-        let spec = crate::synth::SeriesSpec::new(1, 2, 32);
-        let decision = |sop: String| Decision {
+    /// A RIS label "lungs" on the whole single-frame image `sop`.
+    fn decision(sop: String) -> Decision {
+        Decision {
             sop_instance_uid: sop,
             frame: 0,
             whole_image: true,
             series_uid: None,
             label: "lungs".into(),
             label_source: "mined:ris".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn images_with_burned_in_annotation_are_refused() {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        let dir = tempfile::tempdir().unwrap();
+        let spec = crate::synth::SeriesSpec::new(1, 2, 32);
         let mut converted = Vec::new();
         for (slice, burned) in [(0, "NO"), (1, "YES")] {
             let mut obj = crate::synth::ct_slice(&spec, slice);
@@ -430,14 +434,7 @@ mod tests {
         crate::synth::ct_slice(&spec, 1)
             .write_to_file(&path)
             .unwrap();
-        let decision = Decision {
-            sop_instance_uid: spec.sop_uid(1),
-            frame: 0,
-            whole_image: true,
-            series_uid: None,
-            label: "lungs".into(),
-            label_source: "mined:ris".into(),
-        };
+        let decision = decision(spec.sop_uid(1));
         let converted = |framing| {
             let job = Preprocessing {
                 framing,
