@@ -51,7 +51,7 @@ def cmd_train(a) -> int:
         data=a.data, out=a.out, classes=a.classes, hu_window=a.hu_window, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs,
         label_smoothing=a.label_smoothing, balance=a.balance, balance_power=a.balance_power, width=a.width, blocks=a.blocks,
-        dropout=a.dropout, patience=a.patience, ema=a.ema, seed=a.seed, device=a.device, amp=a.amp,
+        dropout=a.dropout, patience=a.patience, ema=a.ema, keep=a.keep, seed=a.seed, device=a.device, amp=a.amp,
         channels_last=a.channels_last, compile=a.compile, deterministic=not a.nondeterministic,
         limit=a.limit, steps_per_epoch=a.steps_per_epoch, eval_batch_size=a.eval_batch_size,
         model_version=a.model_version, augment=aug, pair_classes=a.pair_classes,
@@ -227,6 +227,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ema", type=float, default=d.ema,
                    help="decay per step of an exponential moving average of the weights, which is then validated, "
                         "kept and exported (e.g. 0.99; 0: off, the weights themselves)")
+    g.add_argument("--keep", choices=("best", "last"), default=d.keep,
+                   help="weights kept and exported: the epoch with the lowest validation NLL (with early stopping), "
+                        "or the last epoch (for validation patients that lack a class)")
     g.add_argument("--steps-per-epoch", type=int, default=0, help="batches per epoch (0: training images / batch size)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for weights, sampling and augmentation")
     g.add_argument("--nondeterministic", action="store_true", help="allow non-deterministic (faster) cuDNN kernels")

@@ -50,6 +50,11 @@ class TrainConfig:
     # the export use the average, which moves less from one step to the next than the weights
     # themselves (steadier validation on few patients; flatter minima generalise further).
     ema: float = 0.0
+    # Which epoch's weights are kept: "best" (lowest validation NLL; early stopping) or "last"
+    # (the final epoch, no early stopping): for validation patients that lack a class, e.g. a
+    # leave-source-out run whose left-out source holds nearly all of one class, where the
+    # validation NLL cannot see that class and the kept epoch would swing with the run.
+    keep: str = "best"
     seed: int = 2015
     device: str = "cpu"
     amp: bool = False  # bf16 autocast (CUDA)
@@ -211,6 +216,8 @@ def run(cfg: TrainConfig, log=print) -> dict:
     low, high = map(float, cfg.hu_window)
     if not low < high:
         raise ValueError(f"hu_window {cfg.hu_window}: low must be < high")
+    if cfg.keep not in ("best", "last"):
+        raise ValueError(f"keep {cfg.keep!r}: expected best or last")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -339,7 +346,7 @@ def run(cfg: TrainConfig, log=print) -> dict:
 
         # Early stopping on validation NLL (smoother than the error on a few hundred slices);
         # without validation images, the last epoch is kept.
-        key = (val["nll"], val["error"]) if val.get("images") else (-epoch, 0)
+        key = (val["nll"], val["error"]) if val.get("images") and cfg.keep == "best" else (-epoch, 0)
         if best is None or key < best[0]:
             best = (key, epoch, val)
             best_state = {k: v.detach().clone() for k, v in _plain(scored).state_dict().items()}

@@ -215,3 +215,13 @@ def test_a_run_with_a_weight_average_keeps_and_exports_the_average(trained, synt
     assert plain["val"]["nll"] != averaged["val"]["nll"]
     export(tmp_path / "model.pt", tmp_path / "model.onnx")
     assert check_metadata(read_metadata(tmp_path / "model.onnx")) == []
+
+
+def test_keep_last_keeps_the_final_epoch_whatever_validation_says(synthetic_dataset, tmp_path):
+    # patience 1 would stop a "best" run at the first epoch without improvement; "last" never stops
+    scores = run(_cfg(synthetic_dataset, tmp_path, epochs=4, patience=1, keep="last"), log=lambda *_: None)
+    assert scores["best_epoch"] == 4 and len(scores["history"]) == 4
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert ckpt["train_config"]["keep"] == "last"
+    with pytest.raises(ValueError, match="keep 'first'"):
+        run(_cfg(synthetic_dataset, tmp_path / "bad", keep="first"), log=lambda *_: None)
