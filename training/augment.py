@@ -38,6 +38,11 @@ class AugmentConfig:
     # so a wide range keeps the net from reading the class off the field of view.
     scale_min: float = 0.6
     scale_max: float = 1.2
+    # A crop (the body fills more than crop_fill of the image: cut off at the edges) is never
+    # seen small in a wider field of view, since no scanner shows a cut-off body with air
+    # around it; so a crop's smallest apparent size may stay larger (0: scale_min for all).
+    crop_scale_min: float = 0.0
+    crop_fill: float = 0.3
     translate: float = 0.08  # fraction of the image width, uniform ±, per axis
     elastic_sigma: float = 0.015  # std of control-point displacement (fraction of width)
     elastic_grid: int = 5  # control points per axis of the smooth deformation
@@ -74,13 +79,21 @@ def _uniform(n: int, lo: float, hi: float, gen: torch.Generator) -> torch.Tensor
 
 
 def sampling_grid(n: int, size: int, cfg: AugmentConfig, gen: torch.Generator,
-                  device=None) -> torch.Tensor:
+                  device=None, crop: torch.Tensor | None = None) -> torch.Tensor:
     """[n, size, size, 2] grid for grid_sample (normalised coordinates, align_corners=False).
 
+    `crop`: optional bool [n] (CPU), the images whose smallest size is cfg.crop_scale_min.
     The random parameters are drawn on the CPU; the full-size grid is built on `device`."""
     angle = _uniform(n, -cfg.rotate_deg, cfg.rotate_deg, gen) * (math.pi / 180.0)
     # grid coordinates map output → input, so showing anatomy s times larger scales them by 1/s
-    scale = torch.exp(-_uniform(n, math.log(cfg.scale_min), math.log(cfg.scale_max), gen))
+    log_size = _uniform(n, math.log(cfg.scale_min), math.log(cfg.scale_max), gen)
+    if crop is not None and cfg.crop_scale_min > 0:
+        # the same draw mapped onto the crops' range (one draw either way: the stream of
+        # random numbers, and so every other parameter, stays that of a run without it)
+        r = (log_size - math.log(cfg.scale_min)) / (math.log(cfg.scale_max) - math.log(cfg.scale_min))
+        lo = math.log(cfg.crop_scale_min)
+        log_size = torch.where(crop, lo + (math.log(cfg.scale_max) - lo) * r, log_size)
+    scale = torch.exp(-log_size)
     shift = _uniform(2 * n, -2 * cfg.translate, 2 * cfg.translate, gen).view(n, 2)  # [-1,1] spans 2
     flip = torch.where(torch.rand(n, generator=gen) < cfg.hflip, -1.0, 1.0)
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
@@ -200,6 +213,7 @@ def augment(hu: torch.Tensor, low: float, high: float, cfg: AugmentConfig,
     and body fill; the caller knows the classes)."""
     n, _, size, _ = hu.shape
     dev = hu.device
+    crop = (body_fill(hu) > cfg.crop_fill).cpu() if cfg.crop_scale_min > 0 else None
     if pair is not None and cfg.pair_p > 0:
         hu = pair_composite(hu, pair, cfg, gen)
     if cfg.strip_p > 0:
@@ -229,7 +243,7 @@ def augment(hu: torch.Tensor, low: float, high: float, cfg: AugmentConfig,
             x = x.index_copy(0, idx, F.interpolate(sub, size=(size, size), mode="bilinear",
                                                    align_corners=False))
 
-    grid = sampling_grid(n, size, cfg, gen, dev).to(x.dtype)
+    grid = sampling_grid(n, size, cfg, gen, dev, crop).to(x.dtype)
     # grid_sample pads with zeros; shift so that the padding is air, whatever the window
     air = float(to_unit(torch.tensor(AIR_HU), low, high))
     x = F.grid_sample(x - air, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + air

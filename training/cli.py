@@ -38,7 +38,8 @@ def cmd_train(a) -> int:
     from .train import TrainConfig, run
 
     aug = AugmentConfig(
-        rotate_deg=a.rotate, scale_min=a.scale[0], scale_max=a.scale[1], translate=a.translate, elastic_sigma=a.elastic,
+        rotate_deg=a.rotate, scale_min=a.scale[0], scale_max=a.scale[1], crop_scale_min=a.crop_scale_min,
+        crop_fill=a.crop_fill, translate=a.translate, elastic_sigma=a.elastic,
         elastic_grid=a.elastic_grid, hflip=a.hflip, hu_scale=a.hu_scale, hu_offset=a.hu_offset,
         noise_hu=a.noise_hu, lowres_p=a.lowres_p, lowres_min=a.lowres_min, strip_p=a.strip_p,
         pair_p=a.pair_p, pair_scale_min=a.pair_scale[0], pair_scale_max=a.pair_scale[1],
@@ -248,6 +249,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--rotate", type=float, default=da.rotate_deg, help="max in-plane rotation, degrees")
     g.add_argument("--scale", type=_floats, default=(da.scale_min, da.scale_max),
                    help="MIN,MAX apparent size, log-uniform: >1 zooms in (random crop), <1 zooms out (wider field of view)")
+    g.add_argument("--crop-scale-min", type=float, default=da.crop_scale_min,
+                   help="smallest apparent size of a crop (body fills more than --crop-fill of the image), which a "
+                        "wider field of view cannot show small (0: --scale's MIN)")
+    g.add_argument("--crop-fill", type=float, default=da.crop_fill,
+                   help="share of the image inside the body (HU > -500) above which an image is a crop")
     g.add_argument("--translate", type=float, default=da.translate, help="max translation, fraction of the width")
     g.add_argument("--elastic", type=float, default=da.elastic_sigma, help="std of the smooth non-rigid displacement, fraction of the width (0: off)")
     g.add_argument("--elastic-grid", type=int, default=da.elastic_grid, help="control points per axis of the deformation")

@@ -73,3 +73,34 @@ def test_strip_p_strips_some_images():
     on = augment(hu, -100, 200, OFF.__class__(**(OFF.to_dict() | {"strip_p": 0.5})), torch.Generator().manual_seed(1))
     couch_seen = on[:, 0, 35].amax(dim=1) > 0.5
     assert 0 < int(couch_seen.sum()) < 8
+
+
+def test_crops_are_not_shown_smaller_than_crop_scale_min():
+    cfg = AugmentConfig(rotate_deg=0, scale_min=0.25, scale_max=1.0, translate=0, elastic_sigma=0,
+                        crop_scale_min=0.8)
+    n = 400
+    crop = torch.arange(n) % 2 == 0
+
+    def sizes(c):
+        g = sampling_grid(n, 16, cfg, torch.Generator().manual_seed(3), crop=c)
+        return (15 / 8) / (g[:, 0, -1, 0] - g[:, 0, 0, 0])  # x spans 2 * 15/16 at size 1
+
+    size = sizes(crop)
+    assert size[crop].min() >= 0.8 - 1e-4 and size[crop].max() <= 1.0 + 1e-4
+    assert size[~crop].min() < 0.3  # the rest still zooms out to scale_min
+    plain = sizes(None)  # the same draws: the non-crops are untouched
+    assert torch.allclose(size[~crop], plain[~crop]) and not torch.allclose(size[crop], plain[crop])
+
+
+def test_augment_finds_the_crops_by_body_fill():
+    # crops (body everywhere) and small bodies: with zoom-out only for the small ones, the crops
+    # keep body to their border, the small bodies shrink
+    hu = torch.full((8, 1, 32, 32), -1000.0)
+    hu[0::2] = 40.0
+    hu[1::2, 0, 8:24, 8:24] = 40.0  # a quarter of the image
+    cfg = AugmentConfig(rotate_deg=0, scale_min=0.25, scale_max=1.0, translate=0, elastic_sigma=0,
+                        hu_scale=0, hu_offset=0, noise_hu=0, lowres_p=0, crop_scale_min=1.0)
+    x = augment(hu, -100, 200, cfg, torch.Generator().manual_seed(0))
+    fill = (x > 0.2).float().mean(dim=(1, 2, 3))
+    assert (fill[0::2] > 0.99).all()  # the crops: size 1 exactly
+    assert fill[1::2].mean() < 0.2  # the small bodies: ~0.25 * size^2 on average
