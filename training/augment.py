@@ -86,13 +86,14 @@ def sampling_grid(n: int, size: int, cfg: AugmentConfig, gen: torch.Generator,
     The random parameters are drawn on the CPU; the full-size grid is built on `device`."""
     angle = _uniform(n, -cfg.rotate_deg, cfg.rotate_deg, gen) * (math.pi / 180.0)
     # grid coordinates map output → input, so showing anatomy s times larger scales them by 1/s
-    log_size = _uniform(n, math.log(cfg.scale_min), math.log(cfg.scale_max), gen)
+    lo, hi = math.log(cfg.scale_min), math.log(cfg.scale_max)
+    log_size = _uniform(n, lo, hi, gen)
     if crop is not None and cfg.crop_scale_min > 0:
         # the same draw mapped onto the crops' range (one draw either way: the stream of
         # random numbers, and so every other parameter, stays that of a run without it)
-        r = (log_size - math.log(cfg.scale_min)) / (math.log(cfg.scale_max) - math.log(cfg.scale_min))
-        lo = math.log(cfg.crop_scale_min)
-        log_size = torch.where(crop, lo + (math.log(cfg.scale_max) - lo) * r, log_size)
+        r = (log_size - lo) / (hi - lo) if hi > lo else torch.zeros(n)
+        crop_lo = math.log(cfg.crop_scale_min)
+        log_size = torch.where(crop, crop_lo + (hi - crop_lo) * r, log_size)
     scale = torch.exp(-log_size)
     shift = _uniform(2 * n, -2 * cfg.translate, 2 * cfg.translate, gen).view(n, 2)  # [-1,1] spans 2
     flip = torch.where(torch.rand(n, generator=gen) < cfg.hflip, -1.0, 1.0)
