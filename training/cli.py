@@ -77,6 +77,16 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_ensemble(a) -> int:
+    from .ensemble import EnsembleError, combine
+
+    try:
+        combine(a.checkpoints, a.data, a.out, model_version=a.model_version)
+    except EnsembleError as e:
+        raise SystemExit(f"ensemble: {e}") from e
+    return 0
+
+
 def cmd_evaluate(a) -> int:
     import torch
 
@@ -291,6 +301,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--trained-on", default=None, help="override the checkpoint's trained_on (dataset summary)")
     s.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch parity check")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("ensemble", formatter_class=fmt, help="several checkpoints → one ensemble checkpoint",
+                       description="Combine checkpoints trained on the same dataset (other seeds or "
+                       "recipes) into one that averages their logits; fit one temperature on the "
+                       "validation patients of --data; `export` and `evaluate` take the result.")
+    s.add_argument("checkpoints", nargs="+", help="model.pt files written by `train` (at least two)")
+    s.add_argument("--data", required=True, help="the dataset folder or .npz the members were trained on")
+    s.add_argument("--out", required=True, help="output checkpoint (.pt)")
+    s.add_argument("--model-version", default=None, help="model_version of the ensemble (default: the first member's)")
+    s.set_defaults(func=cmd_ensemble)
 
     s = sub.add_parser("evaluate", formatter_class=fmt, help="score a checkpoint or ONNX model on a dataset",
                        description="Slice error, NLL, ECE, per-class one-vs-rest AUC and confusion matrix "
