@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from . import calibrate, metrics
 from .data import load as load_dataset
 from .model import Ensemble, count_parameters
-from .train import CHECKPOINT_FORMAT, hu_tensor, load_checkpoint, predict_logits
+from .train import CHECKPOINT_FORMAT, calibrate_and_score, hu_tensor, load_checkpoint, predict_logits
 
 # Keys that must agree between members: the model contract and the data they were trained on.
 SHARED_KEYS = ("classes", "input_size", "hu_window", "field_of_view_mm", "framing", "trained_on")
@@ -45,10 +44,7 @@ def combine(checkpoints: list[str | Path], data: str | Path, out: str | Path,
     ckpts = [c for _, c in loaded]
     _check_members(paths, ckpts)
     first = ckpts[0]
-    ensemble = Ensemble([c["model_config"] for c in ckpts])
-    for member, (net, _) in zip(ensemble.members, loaded):
-        member.load_state_dict(net.state_dict())
-    ensemble.eval()
+    ensemble = Ensemble([net for net, _ in loaded]).eval()
 
     ds = load_dataset(data)
     if ds.input_size != first["input_size"]:
@@ -65,19 +61,12 @@ def combine(checkpoints: list[str | Path], data: str | Path, out: str | Path,
     if "val" not in scored:
         raise EnsembleError(f"{data}: no scored validation images to fit the temperature on")
 
-    temperature = calibrate.fit_temperature(*scored["val"])
-    val_logits, val_targets = scored["val"]
-    log(f"ensemble of {len(paths)}: temperature {temperature:.4f}: val NLL "
-        f"{calibrate.nll(val_logits, val_targets):.4f} → {calibrate.nll(val_logits, val_targets, temperature):.4f}")
+    log(f"ensemble of {len(paths)}:")
+    temperature, reports = calibrate_and_score(scored, classes, log)
     scores = {"temperature": temperature, "parameters": count_parameters(ensemble),
               "members": [{"checkpoint": str(p), "model_version": c["model_version"], "epoch": c["epoch"],
                            "seed": c.get("train_config", {}).get("seed"), "temperature": c["temperature"]}
-                          for p, c in zip(paths, ckpts)]}
-    for split, (logits, t) in scored.items():
-        r = metrics.classification_report(torch.softmax(logits / temperature, 1).numpy(), t.numpy(), classes)
-        scores[split] = r
-        log(f"{split} (calibrated): {metrics.format_report(r, classes)}")
-        log(metrics.format_confusion(r, classes))
+                          for p, c in zip(paths, ckpts)]} | reports
 
     torch.save({
         "format": CHECKPOINT_FORMAT,

@@ -76,11 +76,11 @@ class Ensemble(nn.Module):
     than any one of them. The mean of logits, not of probabilities, so that one temperature
     calibrates the whole (ensemble.py fits it) and the graph stays softmax(logits / T)."""
 
-    def __init__(self, configs: list[dict]):
+    def __init__(self, members: list[nn.Module]):
         super().__init__()
-        if not configs:
+        if not members:
             raise ValueError("an ensemble needs at least one member")
-        self.members = nn.ModuleList(build(c) for c in configs)
+        self.members = nn.ModuleList(members)
         self.config = {"ensemble": [m.config for m in self.members]}
 
     @property
@@ -97,7 +97,7 @@ class Ensemble(nn.Module):
 
 def build(config: dict) -> nn.Module:
     if "ensemble" in config:
-        return Ensemble(config["ensemble"])
+        return Ensemble([build(c) for c in config["ensemble"]])
     return AnatomyNet(config["num_classes"], config.get("width", 32),
                       tuple(config.get("blocks", (2, 2, 2, 2))), config.get("dropout", 0.2))
 

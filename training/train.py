@@ -142,6 +142,26 @@ def predict_logits(model, hu: torch.Tensor, low: float, high: float, batch_size:
     return torch.cat(out).cpu() if out else torch.zeros(0, _plain(model).fc.out_features)
 
 
+def calibrate_and_score(scored: dict, classes, log=print) -> tuple[float, dict]:
+    """Temperature scaling on the validation patients, then the calibrated report of each split.
+    `scored`: split → (logits, targets) of scored images; a split without images is left out,
+    and without validation images T stays 1."""
+    temperature = 1.0
+    if "val" in scored and len(scored["val"][0]):
+        val_logits, val_targets = scored["val"]
+        temperature = calibrate.fit_temperature(val_logits, val_targets)
+        log(f"temperature {temperature:.4f}: val NLL {calibrate.nll(val_logits, val_targets):.4f} → "
+            f"{calibrate.nll(val_logits, val_targets, temperature):.4f}")
+    reports = {}
+    for split, (logits, targets) in scored.items():
+        if len(logits):
+            r = metrics.classification_report(torch.softmax(logits / temperature, 1).numpy(), targets.numpy(), classes)
+            reports[split] = r
+            log(f"{split} (calibrated): {metrics.format_report(r, classes)}")
+            log(metrics.format_confusion(r, classes))
+    return temperature, reports
+
+
 def save_checkpoint(path: Path, model, cfg: TrainConfig, ds_summary: str, input_size: int,
                     temperature: float, epoch: int, scores: dict,
                     field_of_view_mm: float | None = None, framing: str = "whole") -> None:
@@ -362,26 +382,14 @@ def run(cfg: TrainConfig, log=print) -> dict:
     best_epoch = best[1]
     log(f"best epoch {best_epoch}")
 
-    # Temperature scaling on the validation patients.
-    temperature = 1.0
     # From here on fp32 (no autocast): calibration and the reported scores must be those of
     # the exported fp32 model, not of the bf16 training-time evaluation.
-    val_logits = predict_logits(model, hu["val"], low, high, cfg.eval_batch_size, False, cfg.channels_last)
-    if len(val_logits):
-        temperature = calibrate.fit_temperature(val_logits, tgt["val"])
-        log(f"temperature {temperature:.4f}: val NLL {calibrate.nll(val_logits, tgt['val']):.4f} → "
-            f"{calibrate.nll(val_logits, tgt['val'], temperature):.4f}")
-
+    scored = {s: (predict_logits(model, hu[s], low, high, cfg.eval_batch_size, False, cfg.channels_last), tgt[s])
+              for s in ("val", "test")}
+    temperature, calibrated = calibrate_and_score(scored, cfg.classes, log)
     scores = {"best_epoch": best_epoch, "temperature": temperature,
               "parameters": count_parameters(model), "input_size": S,
-              "synthetic_other_train_images": synthetic}
-    for s in ("val", "test"):
-        logits = predict_logits(model, hu[s], low, high, cfg.eval_batch_size, False, cfg.channels_last)
-        if len(logits):
-            r = metrics.classification_report(torch.softmax(logits / temperature, 1).numpy(), tgt[s].numpy(), cfg.classes)
-            scores[s] = r
-            log(f"{s} (calibrated): {metrics.format_report(r, cfg.classes)}")
-            log(metrics.format_confusion(r, cfg.classes))
+              "synthetic_other_train_images": synthetic} | calibrated
     for s in ("val", "test"):
         r = nonaxial_report(model, ds, s, cfg, temperature)
         if r["images"]:
