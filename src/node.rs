@@ -74,27 +74,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     info!(addr = %dicom_addr, ae_title = %config.dicom.ae_title, storage = %config.storage.path.display(), "DICOM listener ready");
 
     let http = if config.http.enabled {
-        let addr = SocketAddr::new(config.http.bind, config.http.port);
-        let tcp = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening on http port {addr}"))?;
-        info!(%addr, "HTTP port ready (/healthz, /metrics, /dicom-web, /)");
-        let app = web::router(web::WebState::new(
-            index.clone(),
-            metrics.clone(),
-            Arc::new(classifier_status),
-            web_store,
-            config.clone(),
-        ));
-        let stop = shutdown.clone();
-        Some(tokio::spawn(async move {
-            let served = axum::serve(tcp, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                warn!(error = %e, "HTTP server stopped");
-            }
-        }))
+        Some(start_http(&config, &index, &metrics, classifier_status, web_store, &shutdown).await?)
     } else {
         None
     };
@@ -135,6 +115,64 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     index.close().await;
     info!("stopped");
     Ok(())
+}
+
+/// The HTTP port: credentials and the TLS configuration are checked before it listens, so a
+/// bad token list, JWKS or certificate stops the node at start-up with the reason.
+async fn start_http(
+    config: &Arc<Config>,
+    index: &Index,
+    metrics: &Arc<Metrics>,
+    classifier_status: String,
+    store: Arc<Store>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let http = &config.http;
+    let auth = web::auth::Authenticator::from_config(http)?;
+    let tls = match (&http.tls_cert, &http.tls_key) {
+        (Some(cert), Some(key)) => Some(web::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let addr = SocketAddr::new(http.bind, http.port);
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on http port {addr}"))?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!(%addr, scheme, credentials = %auth.describe(), "HTTP port ready (/healthz, /metrics, /dicom-web, /)");
+    if tls.is_none() && !http.bind.is_loopback() {
+        warn!(%addr, "plain HTTP on a network address: tokens and patient data travel in clear; set http.tls_cert and http.tls_key, or put a TLS proxy in front");
+    }
+    let app = web::router(web::WebState::new(
+        index.clone(),
+        metrics.clone(),
+        Arc::new(classifier_status),
+        store,
+        config.clone(),
+        Arc::new(auth),
+    ));
+    let stop = shutdown.clone();
+    Ok(match tls {
+        Some(tls) => {
+            let listener = web::tls::TlsListener::new(tcp, tls, shutdown.clone())
+                .context("starting the HTTPS listener")?;
+            tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    warn!(error = %e, "HTTPS server stopped");
+                }
+            })
+        }
+        None => tokio::spawn(async move {
+            let served = axum::serve(tcp, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                warn!(error = %e, "HTTP server stopped");
+            }
+        }),
+    })
 }
 
 /// Load the model (and ONNX Runtime) when the classifier is enabled. A node that cannot

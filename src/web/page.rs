@@ -105,7 +105,7 @@ struct Region {
     code_meaning: Option<String>,
 }
 
-fn escape(text: &str) -> String {
+pub(super) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -403,7 +403,7 @@ async fn series_html(state: &WebState, row: &SeriesRow) -> Result<String, WebErr
     Ok(html)
 }
 
-const STYLE: &str = "\
+pub(super) const STYLE: &str = "\
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:0;background:#f4f5f7;color:#222}\
 main{max-width:1200px;margin:0 auto;padding:16px 24px}\
 h1{font-size:22px;margin:8px 0}h2{font-size:17px;margin:0}\
