@@ -1453,3 +1453,241 @@ fn the_page_shows_a_labelled_series_in_a_browser() {
         let _ = std::fs::copy(&shot, Path::new(&dir).join("web-page.png"));
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Security: credentials and roles, the login cookie, JWTs, HTTPS, no PHI in the log
+
+/// `anatomy-node token`: (the token, its hash) from what the command prints.
+fn make_token(name: &str, roles: &str) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_anatomy-node"))
+        .args(["token", "--name", name, "--roles", roles])
+        .output()
+        .expect("anatomy-node token");
+    assert!(out.status.success(), "{}", common::text(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let token = text
+        .lines()
+        .find(|l| l.starts_with("anp_"))
+        .expect("a token line")
+        .to_string();
+    let hash = text
+        .lines()
+        .find_map(|l| l.strip_prefix("sha256 = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("a sha256 line")
+        .to_string();
+    assert!(!text.contains(&format!("\"{token}\"")), "the config holds no token");
+    assert!(text.contains(&format!("name = \"{name}\"")), "{text}");
+    (token, hash)
+}
+
+fn get_with(node: &Node, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = agent().get(&url(node, path));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    reply(req.call())
+}
+
+/// The response headers of `name` for a GET.
+fn header_of(node: &Node, path: &str, headers: &[(&str, &str)], name: &str) -> Vec<String> {
+    let mut req = agent().get(&url(node, path));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.call().expect("HTTP request");
+    r.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect()
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// POST /login with a form: (status, Set-Cookie, body).
+fn login(node: &Node, token: &str) -> (u16, Vec<String>, String) {
+    let mut r = agent()
+        .post(&url(node, "/login"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .send(format!("token={token}").as_bytes())
+        .expect("login");
+    let cookies = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    let status = r.status().as_u16();
+    let body = r.body_mut().read_to_string().unwrap_or_default();
+    (status, cookies, body)
+}
+
+/// Headless Chromium's DOM of `url` after scripts and navigations (5 s of virtual time).
+fn dump_dom(browser: &Path, url: &str) -> String {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let out = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--allow-file-access-from-files",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .output()
+        .expect("run chromium");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn tokens_and_roles_guard_every_route_and_the_page_signs_in() {
+    let work = tempfile::tempdir().expect("work");
+    let (reader, reader_hash) = make_token("viewer", "read");
+    let (writer, writer_hash) = make_token("modality", "write");
+    let (scraper, scraper_hash) = make_token("prometheus", "metrics");
+    let node = Node::start_with(NodeOptions {
+        stable_after_secs: 1,
+        extra_http: "anonymous = false".into(),
+        // Two tokens in the configuration, one in the environment's text form.
+        http_tables: format!(
+            "[[http.tokens]]\nname = \"viewer\"\nsha256 = \"{reader_hash}\"\nroles = [\"read\"]\n\
+             [[http.tokens]]\nname = \"modality\"\nsha256 = \"{writer_hash}\"\nroles = [\"write\"]\n"
+        ),
+        env: vec![(
+            "ANATOMY_HTTP__TOKENS".into(),
+            format!(
+                "viewer:{reader_hash}:read,modality:{writer_hash}:write,prometheus:{scraper_hash}:metrics"
+            ),
+        )],
+        ..NodeOptions::default()
+    });
+    let (spec, files) = data::synthetic_series(&work.path().join("series"), 612, 3, 32);
+    let auth = |t: &str| bearer(t);
+
+    // /healthz is open; everything else needs credentials.
+    assert_eq!(get(&node, "/healthz", None).status, 200);
+    for path in ["/dicom-web/studies", "/dicom-web/series", "/metrics", "/ui"] {
+        let r = get(&node, path, None);
+        assert_eq!(r.status, 401, "{path}: {}", r.text());
+        let challenge = header_of(&node, path, &[], "www-authenticate");
+        assert!(
+            challenge.iter().any(|c| c.starts_with("Bearer realm=")),
+            "{path}: {challenge:?}"
+        );
+    }
+    let r = get(&node, "/dicom-web/studies", None);
+    assert!(r.text().contains("authentication required"), "{}", r.text());
+
+    // STOW-RS needs write: the reader gets 403, the writer stores.
+    let body = multipart(BOUNDARY, &[("application/dicom", &std::fs::read(&files[0]).expect("file"))]);
+    let stow_as = |token: &str| {
+        reply(
+            agent()
+                .post(&url(&node, "/dicom-web/studies"))
+                .header("Content-Type", &stow_type(BOUNDARY))
+                .header("Authorization", &auth(token))
+                .send(&body[..]),
+        )
+    };
+    let r = stow_as(&reader);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("\"write\""), "{}", r.text());
+    assert!(node.stored_files().is_empty());
+    let r = stow_as(&writer);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(node.stored_files().len(), 1);
+    let out = node.storescu(&[], &files[1..]);
+    assert!(out.status.success(), "{}", common::text(&out));
+
+    // QIDO-RS, WADO-RS and rendered images need read.
+    let study = format!("/dicom-web/studies?StudyInstanceUID={}", spec.study_uid());
+    let r = get_with(&node, &study, &[("Authorization", &auth(&reader))]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().as_array().map(Vec::len), Some(1));
+    let instance = format!(
+        "/dicom-web/studies/{}/series/{}/instances/{}",
+        spec.study_uid(),
+        spec.series_uid(),
+        spec.sop_uid(0)
+    );
+    let r = get_with(
+        &node,
+        &format!("{instance}/rendered"),
+        &[("Authorization", &auth(&reader)), ("Accept", "image/png")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get_with(&node, &study, &[("Authorization", &auth(&writer))]);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("token modality"), "{}", r.text());
+
+    // /metrics needs metrics.
+    let r = get_with(&node, "/metrics", &[("Authorization", &auth(&reader))]);
+    assert_eq!(r.status, 403);
+    let r = get_with(&node, "/metrics", &[("Authorization", &auth(&scraper))]);
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("instances"), "{}", r.text());
+
+    // Unknown tokens and other schemes: 401 with the reason.
+    let r = get_with(&node, &study, &[("Authorization", &auth("anp_not-a-token"))]);
+    assert_eq!(r.status, 401);
+    assert!(r.text().contains("unknown API token"), "{}", r.text());
+    let challenge = header_of(&node, &study, &[("Authorization", "Bearer anp_x")], "www-authenticate");
+    assert!(challenge.iter().any(|c| c.contains("invalid_token")), "{challenge:?}");
+    let r = get_with(&node, &study, &[("Authorization", "Basic dXNlcjpwYXNz")]);
+    assert_eq!(r.status, 401);
+
+    // The page: the login form without credentials; the form's cookie opens it.
+    let page = get(&node, "/", None);
+    assert_eq!(page.status, 401);
+    assert!(page.content_type.starts_with("text/html"));
+    assert!(page.text().contains("<form class=\"login\" method=\"post\" action=\"/login\""));
+    assert!(!page.text().contains(&spec.series_uid()));
+    let (status, cookies, body) = login(&node, "anp_wrong");
+    assert_eq!(status, 401, "{body}");
+    assert!(cookies.is_empty());
+    let (status, _, body) = login(&node, &writer);
+    assert_eq!(status, 403, "a token without read: {body}");
+    let (status, cookies, _) = login(&node, &reader);
+    assert_eq!(status, 200);
+    let cookie = cookies.first().expect("Set-Cookie");
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(!cookie.contains("Secure"), "plain HTTP: no Secure flag: {cookie}");
+    let pair = cookie.split(';').next().expect("name=value").to_string();
+    let page = get_with(&node, "/", &[("Cookie", &pair)]);
+    assert_eq!(page.status, 200, "{}", page.text());
+    assert!(page.text().contains(&spec.series_uid()));
+
+    // In a browser: without the cookie the login form, after signing in the series.
+    let Some(browser) = chromium() else { return };
+    let dom = dump_dom(&browser, &url(&node, "/"));
+    assert!(dom.contains("action=\"/login\""), "no login form: {dom}");
+    assert!(!dom.contains(&spec.series_uid()));
+    // The form is filled and sent by a page of the test's own (the node's page has no
+    // script); the node's answer then takes the browser to / with the cookie.
+    let launcher = work.path().join("sign-in.html");
+    std::fs::write(
+        &launcher,
+        format!(
+            "<!DOCTYPE html><html><body><form method=\"post\" action=\"{}\">\
+             <input name=\"token\" value=\"{reader}\"></form>\
+             <script>document.forms[0].submit()</script></body></html>",
+            url(&node, "/login")
+        ),
+    )
+    .expect("launcher page");
+    let dom = dump_dom(&browser, &format!("file://{}", launcher.display()));
+    assert!(
+        dom.contains(&spec.series_uid()) && dom.contains("Synthetic series 612"),
+        "the page after signing in does not show the series: {dom}"
+    );
+}
