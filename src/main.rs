@@ -157,9 +157,8 @@ fn print_token(name: &str, roles: &[String]) -> anyhow::Result<()> {
     let roles = roles
         .iter()
         .map(|r| {
-            Role::parse(r).with_context(|| {
-                format!("unknown role {r:?}: use read, write, metrics or admin")
-            })
+            Role::parse(r)
+                .with_context(|| format!("unknown role {r:?}: use read, write, metrics or admin"))
         })
         .collect::<anyhow::Result<Vec<Role>>>()?;
     if name.is_empty() || name.contains([':', ',', '"', '\\']) {
@@ -177,14 +176,19 @@ fn print_token(name: &str, roles: &[String]) -> anyhow::Result<()> {
     println!("# now; the node keeps only its hash.");
     println!("{token}");
     println!();
-    println!("# Add to config.toml, after the [http] section (or to http.tokens_file, as [[tokens]]):");
+    println!(
+        "# Add to config.toml, after the [http] section (or to http.tokens_file, as [[tokens]]):"
+    );
     println!("[[http.tokens]]");
     println!("name = \"{name}\"");
     println!("sha256 = \"{hash}\"");
     println!("roles = [{list}]");
     println!();
     println!("# or in the environment (comma-separated for several tokens):");
-    println!("# ANATOMY_HTTP__TOKENS=\"{name}:{hash}:{}\"", names.join("+"));
+    println!(
+        "# ANATOMY_HTTP__TOKENS=\"{name}:{hash}:{}\"",
+        names.join("+")
+    );
     Ok(())
 }
 
@@ -193,11 +197,9 @@ fn print_token(name: &str, roles: &[String]) -> anyhow::Result<()> {
 /// lines while a session is created) stay at warnings unless the filter names `ort`.
 fn init_logging(config: &Config) {
     anatomy_node::phi::set_allowed(config.log.phi);
-    let names_ort = config
-        .log
-        .level
-        .split(',')
-        .any(|d| d.trim() == "ort" || d.trim().starts_with("ort=") || d.trim().starts_with("ort::"));
+    let names_ort = config.log.level.split(',').any(|d| {
+        d.trim() == "ort" || d.trim().starts_with("ort=") || d.trim().starts_with("ort::")
+    });
     let level = if names_ort {
         config.log.level.clone()
     } else {

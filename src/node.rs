@@ -74,7 +74,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     info!(addr = %dicom_addr, ae_title = %config.dicom.ae_title, storage = %config.storage.path.display(), "DICOM listener ready");
 
     let http = if config.http.enabled {
-        Some(start_http(&config, &index, &metrics, classifier_status, web_store, &shutdown).await?)
+        Some(
+            start_http(
+                &config,
+                &index,
+                &metrics,
+                classifier_status,
+                web_store,
+                &shutdown,
+            )
+            .await?,
+        )
     } else {
         None
     };

@@ -482,7 +482,9 @@ impl Jwk {
                 let n = strip(bytes("n")?);
                 let e = strip(bytes("e")?);
                 if n.len() < 256 {
-                    return Err(format!("key {kid:?}: RSA keys must have 2048 bits at least"));
+                    return Err(format!(
+                        "key {kid:?}: RSA keys must have 2048 bits at least"
+                    ));
                 }
                 (
                     Alg::Rs256,
@@ -519,7 +521,11 @@ impl Jwk {
     fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
         match &self.key {
             PublicKey::Rsa(k) => k
-                .verify(&ring::signature::RSA_PKCS1_2048_8192_SHA256, message, signature)
+                .verify(
+                    &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+                    message,
+                    signature,
+                )
                 .is_ok(),
             PublicKey::Ec(k) => k.verify(message, signature).is_ok(),
         }
@@ -567,11 +573,7 @@ impl JwtVerifier {
             keys,
             issuer: config.issuer.trim().to_string(),
             audience: config.audience.trim().to_string(),
-            roles_path: config
-                .roles_claim
-                .split('.')
-                .map(str::to_string)
-                .collect(),
+            roles_path: config.roles_claim.split('.').map(str::to_string).collect(),
             role_prefix: config.role_prefix.clone(),
             leeway: config.leeway_secs,
         })
@@ -722,7 +724,10 @@ pub async fn require(State(state): State<WebState>, mut request: Request, next: 
 /// one line of text elsewhere.
 fn refuse(rejection: &Rejection, page: bool) -> Response {
     let (status, challenge) = match rejection {
-        Rejection::Missing => (StatusCode::UNAUTHORIZED, format!("Bearer realm=\"{REALM}\"")),
+        Rejection::Missing => (
+            StatusCode::UNAUTHORIZED,
+            format!("Bearer realm=\"{REALM}\""),
+        ),
         Rejection::Invalid(why) => (
             StatusCode::UNAUTHORIZED,
             format!(
@@ -905,7 +910,10 @@ mod tests {
             a.check(&bearer("anp_other"), Role::Read),
             Err(Rejection::Invalid(_))
         ));
-        assert_eq!(a.check(&HeaderMap::new(), Role::Read), Err(Rejection::Missing));
+        assert_eq!(
+            a.check(&HeaderMap::new(), Role::Read),
+            Err(Rejection::Missing)
+        );
         let mut cookie = HeaderMap::new();
         cookie.insert(
             header::COOKIE,
@@ -939,13 +947,15 @@ mod tests {
     #[test]
     fn token_list_text_form() {
         let hash = token_hash("x");
-        let list: TokenList =
-            serde_json::from_value(Value::String(format!("a:{hash}:read+write, b:{hash}:metrics")))
-                .expect("valid");
+        let list: TokenList = serde_json::from_value(Value::String(format!(
+            "a:{hash}:read+write, b:{hash}:metrics"
+        )))
+        .expect("valid");
         assert_eq!(list.0.len(), 2);
         assert_eq!(list.0[0].roles, vec![Role::Read, Role::Write]);
-        assert!(serde_json::from_value::<TokenList>(Value::String(format!("a:{hash}:root")))
-            .is_err());
+        assert!(
+            serde_json::from_value::<TokenList>(Value::String(format!("a:{hash}:root"))).is_err()
+        );
     }
 
     #[test]
