@@ -562,6 +562,20 @@ mod tests {
     }
 
     #[test]
+    fn shipped_config_keeps_the_http_security_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let cfg = Config::load(Some(&path)).expect("config.toml loads");
+        let defaults = HttpConfig::default();
+        let h = &cfg.http;
+        assert!(h.anonymous && defaults.anonymous && h.bind.is_loopback());
+        assert!(!h.metrics_open && h.tls_cert.is_none() && h.tls_key.is_none());
+        assert!(h.tokens.0.is_empty() && h.tokens_file.is_none() && !h.jwt.enabled());
+        assert_eq!(h.jwt.roles_claim, defaults.jwt.roles_claim);
+        assert_eq!(h.jwt.leeway_secs, defaults.jwt.leeway_secs);
+        assert!(!cfg.log.phi);
+    }
+
+    #[test]
     fn defaults_are_valid() {
         let cfg = Config::load(None).expect("defaults load");
         assert_eq!(cfg.dicom.port, 11112);
