@@ -1695,6 +1695,31 @@ fn tokens_and_roles_guard_every_route_and_the_page_signs_in() {
     let page = get_with(&node, "/", &[("Cookie", &pair)]);
     assert_eq!(page.status, 200, "{}", page.text());
     assert!(page.text().contains(&spec.series_uid()));
+    assert!(page.text().contains("signed in: token viewer"));
+    assert!(page.text().contains("action=\"/logout\""));
+    let no_redirects: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build()
+        .into();
+    let r = no_redirects
+        .post(&url(&node, "/logout"))
+        .header("Cookie", &pair)
+        .send(&[][..])
+        .expect("logout");
+    let cleared: Vec<String> = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    assert_eq!(r.status().as_u16(), 303);
+    assert!(
+        cleared
+            .iter()
+            .any(|c| c.starts_with("anatomy_token=;") && c.contains("Max-Age=0")),
+        "{cleared:?}"
+    );
 
     // In a browser: without the cookie the login form, after signing in the series.
     let Some(browser) = chromium() else { return };
