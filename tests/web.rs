@@ -2120,6 +2120,10 @@ fn https_with_a_test_ca_tls12_and_13_only() {
 /// `serve` with `config` (plus free ports on loopback for DICOM): it must refuse to start,
 /// and the error names `expected`.
 fn refuses_to_start(http: &str, expected: &[&str]) {
+    refuses_to_start_with(http, &[], expected);
+}
+
+fn refuses_to_start_with(http: &str, env: &[(&str, &str)], expected: &[&str]) {
     let dir = tempfile::tempdir().expect("dir");
     let config = dir.path().join("config.toml");
     std::fs::write(
@@ -2136,6 +2140,7 @@ fn refuses_to_start(http: &str, expected: &[&str]) {
         .args(["serve", "--config"])
         .arg(&config)
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -2179,6 +2184,22 @@ fn anonymous_access_only_on_loopback_and_credentials_are_required_otherwise() {
         &["sha256 must be 64 hex digits"],
     );
     refuses_to_start("tls_cert = \"cert.pem\"", &["http.tls_key"]);
+    // The keys of [http.jwt] come from the environment too.
+    refuses_to_start_with(
+        "",
+        &[
+            ("ANATOMY_HTTP__ANONYMOUS", "false"),
+            ("ANATOMY_HTTP__JWT__JWKS_FILE", "/nonexistent/jwks.json"),
+            ("ANATOMY_HTTP__JWT__ISSUER", "https://idp.example.test"),
+            ("ANATOMY_HTTP__JWT__AUDIENCE", "anatomy-node"),
+        ],
+        &["http.jwt.jwks_file", "/nonexistent/jwks.json"],
+    );
+    refuses_to_start_with(
+        "",
+        &[("ANATOMY_HTTP__JWT__JWKS_FILE", "/nonexistent/jwks.json")],
+        &["http.jwt.issuer"],
+    );
     refuses_to_start(
         "tls_cert = \"missing.pem\"\ntls_key = \"missing.key\"",
         &["http.tls_cert", "missing.pem"],

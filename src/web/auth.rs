@@ -945,6 +945,34 @@ mod tests {
     }
 
     #[test]
+    fn tokens_file_adds_tokens() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("tokens.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[[tokens]]\nname = \"scanner\"\nsha256 = \"{}\"\nroles = [\"write\"]\n",
+                token_hash("anp_from_file")
+            ),
+        )
+        .expect("write");
+        let http = HttpConfig {
+            anonymous: false,
+            tokens_file: Some(file.clone()),
+            ..HttpConfig::default()
+        };
+        let a = Authenticator::from_config(&http).expect("valid");
+        assert!(a.check(&bearer("anp_from_file"), Role::Write).is_ok());
+        std::fs::write(
+            &file,
+            "[[tokens]]\nname = \"x\"\nsha256 = \"abc\"\nroles = [\"read\"]\n",
+        )
+        .expect("write");
+        let err = Authenticator::from_config(&http).err().expect("a bad hash");
+        assert!(err.to_string().contains("64 hex digits"), "{err}");
+    }
+
+    #[test]
     fn token_list_text_form() {
         let hash = token_hash("x");
         let list: TokenList = serde_json::from_value(Value::String(format!(
