@@ -482,9 +482,9 @@ impl Jwk {
                 let n = strip(bytes("n")?);
                 let e = strip(bytes("e")?);
                 if n.len() < 256 {
-                    return Err(format!(
-                        "key {kid:?}: RSA keys must have 2048 bits at least"
-                    ));
+                    // Not trusted; the set's other keys still are.
+                    tracing::warn!(kid = ?kid, bits = n.len() * 8, "http.jwt.jwks_file: RSA key under 2048 bits ignored");
+                    return Ok(None);
                 }
                 (
                     Alg::Rs256,
@@ -602,7 +602,10 @@ impl JwtVerifier {
         let candidates: Vec<&Jwk> = self
             .keys
             .iter()
-            .filter(|k| k.alg == alg && (kid.is_none() || k.kid.as_deref() == kid))
+            // A token's kid picks its key; keys the set gives no kid may sign any token.
+            .filter(|k| {
+                k.alg == alg && (kid.is_none() || k.kid.is_none() || k.kid.as_deref() == kid)
+            })
             .collect();
         if candidates.is_empty() {
             return Err(format!(
