@@ -38,6 +38,13 @@ pub async fn open_index(config: &Config) -> anyhow::Result<Index> {
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    // Credentials and certificates first: a bad token list, JWKS or certificate stops the
+    // node before it opens any port.
+    let http_security = if config.http.enabled {
+        Some(http_security(&config.http)?)
+    } else {
+        None
+    };
     let metrics = Arc::new(Metrics::new());
     let index = open_index(&config).await?;
     let writer = IndexWriter::spawn(index.clone(), config.database.batch_max);
@@ -73,10 +80,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("listening on dicom port {dicom_addr}"))?;
     info!(addr = %dicom_addr, ae_title = %config.dicom.ae_title, storage = %config.storage.path.display(), "DICOM listener ready");
 
-    let http = if config.http.enabled {
-        Some(
+    let http = match http_security {
+        Some(security) => Some(
             start_http(
                 &config,
+                security,
                 &index,
                 &metrics,
                 classifier_status,
@@ -84,9 +92,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 &shutdown,
             )
             .await?,
-        )
-    } else {
-        None
+        ),
+        None => None,
     };
 
     let completion = tokio::spawn(series::run_completion(
@@ -127,10 +134,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The HTTP port: credentials and the TLS configuration are checked before it listens, so a
-/// bad token list, JWKS or certificate stops the node at start-up with the reason.
+/// What the HTTP port checks credentials with, and its TLS configuration (HTTPS).
+type HttpSecurity = (web::auth::Authenticator, Option<Arc<rustls::ServerConfig>>);
+
+fn http_security(http: &crate::config::HttpConfig) -> anyhow::Result<HttpSecurity> {
+    let auth = web::auth::Authenticator::from_config(http)?;
+    let tls = match (&http.tls_cert, &http.tls_key) {
+        (Some(cert), Some(key)) => Some(web::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    Ok((auth, tls))
+}
+
+/// The HTTP port, plain or HTTPS, until `shutdown`.
 async fn start_http(
     config: &Arc<Config>,
+    (auth, tls): HttpSecurity,
     index: &Index,
     metrics: &Arc<Metrics>,
     classifier_status: String,
@@ -138,11 +157,6 @@ async fn start_http(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let http = &config.http;
-    let auth = web::auth::Authenticator::from_config(http)?;
-    let tls = match (&http.tls_cert, &http.tls_key) {
-        (Some(cert), Some(key)) => Some(web::tls::server_config(cert, key)?),
-        _ => None,
-    };
     let addr = SocketAddr::new(http.bind, http.port);
     let tcp = tokio::net::TcpListener::bind(addr)
         .await
