@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install what anatomy-node needs on a fresh Debian 12 machine.
 #   deploy/install-deps.sh          run the node: build tools (cmake, g++ for CharLS), DCMTK
-#   deploy/install-deps.sh --test   also what the tests use: Orthanc, PostgreSQL, Chromium
+#   deploy/install-deps.sh --test   also what the tests use: Orthanc, PostgreSQL, Chromium, openssl, curl
 # Only Debian packages; idempotent; uses sudo when not root.
 set -euo pipefail
 
 packages=(ca-certificates cmake g++ pkg-config dcmtk python3 python3-venv python3-pip unzip)
 if [[ "${1:-}" == "--test" ]]; then
-    # chromium: tests/web.rs takes a screenshot of the web page with headless Chromium
-    packages+=(orthanc orthanc-dicomweb postgresql procps chromium)
+    # chromium: tests/web.rs takes a screenshot of the web page with headless Chromium;
+    # openssl and curl: tests/web.rs makes a test CA, keys and JWTs, and talks HTTPS
+    packages+=(orthanc orthanc-dicomweb postgresql procps chromium openssl curl)
 fi
 
 sudo=""

@@ -226,6 +226,20 @@ pub struct HttpConfig {
     pub stow_max_mb: u64,
     /// QIDO-RS: the most results one response holds (`limit` is capped to it).
     pub qido_max_results: u64,
+    /// HTTPS: the certificate chain (PEM); with `tls_key`. Empty: plain HTTP.
+    pub tls_cert: Option<PathBuf>,
+    /// HTTPS: the private key (PEM, PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
+    /// Requests without credentials get every role. Allowed only on a loopback `bind`.
+    pub anonymous: bool,
+    /// `/metrics` without credentials, whatever `anonymous` says.
+    pub metrics_open: bool,
+    /// API tokens: names, SHA-256 hashes and roles (never the tokens themselves).
+    pub tokens: crate::web::auth::TokenList,
+    /// More tokens, in a TOML file of `[[tokens]]` tables (the form of `tokens`).
+    pub tokens_file: Option<PathBuf>,
+    /// OpenID Connect bearer JWTs.
+    pub jwt: crate::web::auth::JwtConfig,
 }
 
 impl Default for HttpConfig {
@@ -236,7 +250,21 @@ impl Default for HttpConfig {
             port: 8042,
             stow_max_mb: 1024,
             qido_max_results: 1000,
+            tls_cert: None,
+            tls_key: None,
+            anonymous: true,
+            metrics_open: false,
+            tokens: crate::web::auth::TokenList::default(),
+            tokens_file: None,
+            jwt: crate::web::auth::JwtConfig::default(),
         }
+    }
+}
+
+impl HttpConfig {
+    /// Whether the port serves HTTPS.
+    pub fn tls(&self) -> bool {
+        self.tls_cert.is_some()
     }
 }
 
@@ -318,6 +346,8 @@ pub enum LogFormat {
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
+    /// Patient names, IDs, birth dates and accession numbers may appear in the log.
+    pub phi: bool,
 }
 
 impl Default for LogConfig {
@@ -325,6 +355,7 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
+            phi: false,
         }
     }
 }
@@ -375,6 +406,18 @@ impl Config {
             self.classifier.model = base.join(&self.classifier.model);
         }
         self.mine.resolve_paths(base);
+        for file in [
+            &mut self.http.tls_cert,
+            &mut self.http.tls_key,
+            &mut self.http.tokens_file,
+            &mut self.http.jwt.jwks_file,
+        ] {
+            match file.as_mut() {
+                Some(f) if f.as_os_str().is_empty() => *file = None,
+                Some(f) if f.is_relative() => *f = base.join(&*f),
+                _ => {}
+            }
+        }
         if let Some(lib) = self.classifier.onnxruntime_library.as_mut() {
             if lib.as_os_str().is_empty() {
                 self.classifier.onnxruntime_library = None;
@@ -440,6 +483,22 @@ impl Config {
                 "http.stow_max_mb and http.qido_max_results must be at least 1".into(),
             ));
         }
+        if self.http.tls_cert.is_some() != self.http.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "http.tls_cert and http.tls_key go together: set both (HTTPS) or neither (plain HTTP)"
+                    .into(),
+            ));
+        }
+        if self.http.enabled && self.http.anonymous && !self.http.bind.is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "http.anonymous = true is allowed only on a loopback http.bind (127.0.0.1 or ::1), \
+                 and http.bind is {}: set http.anonymous = false (ANATOMY_HTTP__ANONYMOUS=false) and \
+                 give clients credentials with http.tokens (anatomy-node token) or [http.jwt] \
+                 (README, \"Security\"), or bind to 127.0.0.1",
+                self.http.bind
+            )));
+        }
+        self.http.jwt.validate().map_err(ConfigError::Invalid)?;
         crate::forward::validate(&self.forward, &self.destinations, &self.routes)
             .map_err(ConfigError::Invalid)?;
         crate::mine::validate(&self.archive, &self.mine).map_err(ConfigError::Invalid)?;
@@ -500,6 +559,20 @@ mod tests {
     fn peer_list_rejects_bad_address() {
         let err = serde_json::from_str::<PeerList>(r#""PACS@not-an-ip""#).unwrap_err();
         assert!(err.to_string().contains("not-an-ip"), "{err}");
+    }
+
+    #[test]
+    fn shipped_config_keeps_the_http_security_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+        let cfg = Config::load(Some(&path)).expect("config.toml loads");
+        let defaults = HttpConfig::default();
+        let h = &cfg.http;
+        assert!(h.anonymous && defaults.anonymous && h.bind.is_loopback());
+        assert!(!h.metrics_open && h.tls_cert.is_none() && h.tls_key.is_none());
+        assert!(h.tokens.0.is_empty() && h.tokens_file.is_none() && !h.jwt.enabled());
+        assert_eq!(h.jwt.roles_claim, defaults.jwt.roles_claim);
+        assert_eq!(h.jwt.leeway_secs, defaults.jwt.leeway_secs);
+        assert!(!cfg.log.phi);
     }
 
     #[test]

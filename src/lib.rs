@@ -18,6 +18,7 @@ pub mod index;
 pub mod metrics;
 pub mod mine;
 pub mod node;
+pub mod phi;
 pub mod private_block;
 pub mod series;
 pub mod store;

@@ -47,6 +47,17 @@ enum Command {
     /// sources from [mine], the archive from [archive]. Exit codes: 0 complete, 1 failed,
     /// 2 usage, 3 some studies failed, 4 stopped early (time window, signal), 75 locked.
     Mine(anatomy_node::mine::MineArgs),
+    /// Make an API token for the HTTP port: prints the token (once) and the configuration
+    /// lines that hold its SHA-256 hash (README, "Security").
+    Token {
+        /// A name for the token (shown in the log when it is used), e.g. "pacs-viewer".
+        #[arg(long)]
+        name: String,
+        /// Its roles, comma-separated: read (QIDO-RS, WADO-RS, the page), write (STOW-RS),
+        /// metrics (/metrics), admin (all of them).
+        #[arg(long, value_delimiter = ',', default_value = "read")]
+        roles: Vec<String>,
+    },
     /// Training data preparation.
     Dataset {
         #[command(subcommand)]
@@ -108,6 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let code = anatomy_node::mine::run(args, config);
             std::process::exit(i32::from(code));
         }
+        Command::Token { name, roles } => print_token(&name, &roles),
         Command::Forward { command } => runtime.block_on(anatomy_node::forward::cli::run(command)),
         Command::Classify(args) => {
             let mut config = Config::load(args.config.as_deref())?;
@@ -140,12 +152,62 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+fn print_token(name: &str, roles: &[String]) -> anyhow::Result<()> {
+    use anatomy_node::web::auth::{generate_token, token_hash, Role};
+    let roles = roles
+        .iter()
+        .map(|r| {
+            Role::parse(r)
+                .with_context(|| format!("unknown role {r:?}: use read, write, metrics or admin"))
+        })
+        .collect::<anyhow::Result<Vec<Role>>>()?;
+    if name.is_empty() || name.contains([':', ',', '"', '\\']) {
+        anyhow::bail!("--name must be non-empty, without : , \" or \\");
+    }
+    let token = generate_token()?;
+    let hash = token_hash(&token);
+    let names: Vec<&str> = roles.iter().map(|r| r.name()).collect();
+    let list = names
+        .iter()
+        .map(|r| format!("\"{r}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("# The token: give it to the client (Authorization: Bearer ...). It is shown only");
+    println!("# now; the node keeps only its hash.");
+    println!("{token}");
+    println!();
+    println!(
+        "# Add to config.toml, after the [http] section (or to http.tokens_file, as [[tokens]]):"
+    );
+    println!("[[http.tokens]]");
+    println!("name = \"{name}\"");
+    println!("sha256 = \"{hash}\"");
+    println!("roles = [{list}]");
+    println!();
+    println!("# or in the environment (comma-separated for several tokens):");
+    println!(
+        "# ANATOMY_HTTP__TOKENS=\"{name}:{hash}:{}\"",
+        names.join("+")
+    );
+    Ok(())
+}
+
 /// Structured logs on stderr (stdout stays free for command output). `RUST_LOG` wins
-/// over `log.level`.
+/// over `log.level`. ONNX Runtime's own messages (the `ort` target; over a hundred INFO
+/// lines while a session is created) stay at warnings unless the filter names `ort`.
 fn init_logging(config: &Config) {
+    anatomy_node::phi::set_allowed(config.log.phi);
+    let names_ort = config.log.level.split(',').any(|d| {
+        d.trim() == "ort" || d.trim().starts_with("ort=") || d.trim().starts_with("ort::")
+    });
+    let level = if names_ort {
+        config.log.level.clone()
+    } else {
+        format!("{},ort=warn", config.log.level)
+    };
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(&level))
+        .unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -38,6 +38,13 @@ pub async fn open_index(config: &Config) -> anyhow::Result<Index> {
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    // Credentials and certificates first: a bad token list, JWKS or certificate stops the
+    // node before it opens any port.
+    let http_security = if config.http.enabled {
+        Some(http_security(&config.http)?)
+    } else {
+        None
+    };
     let metrics = Arc::new(Metrics::new());
     let index = open_index(&config).await?;
     let writer = IndexWriter::spawn(index.clone(), config.database.batch_max);
@@ -73,30 +80,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("listening on dicom port {dicom_addr}"))?;
     info!(addr = %dicom_addr, ae_title = %config.dicom.ae_title, storage = %config.storage.path.display(), "DICOM listener ready");
 
-    let http = if config.http.enabled {
-        let addr = SocketAddr::new(config.http.bind, config.http.port);
-        let tcp = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listening on http port {addr}"))?;
-        info!(%addr, "HTTP port ready (/healthz, /metrics, /dicom-web, /)");
-        let app = web::router(web::WebState::new(
-            index.clone(),
-            metrics.clone(),
-            Arc::new(classifier_status),
-            web_store,
-            config.clone(),
-        ));
-        let stop = shutdown.clone();
-        Some(tokio::spawn(async move {
-            let served = axum::serve(tcp, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                warn!(error = %e, "HTTP server stopped");
-            }
-        }))
-    } else {
-        None
+    let http = match http_security {
+        Some(security) => Some(
+            start_http(
+                &config,
+                security,
+                &index,
+                &metrics,
+                classifier_status,
+                web_store,
+                &shutdown,
+            )
+            .await?,
+        ),
+        None => None,
     };
 
     let completion = tokio::spawn(series::run_completion(
@@ -135,6 +132,71 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     index.close().await;
     info!("stopped");
     Ok(())
+}
+
+/// What the HTTP port checks credentials with, and its TLS configuration (HTTPS).
+type HttpSecurity = (web::auth::Authenticator, Option<Arc<rustls::ServerConfig>>);
+
+fn http_security(http: &crate::config::HttpConfig) -> anyhow::Result<HttpSecurity> {
+    let auth = web::auth::Authenticator::from_config(http)?;
+    let tls = match (&http.tls_cert, &http.tls_key) {
+        (Some(cert), Some(key)) => Some(web::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    Ok((auth, tls))
+}
+
+/// The HTTP port, plain or HTTPS, until `shutdown`.
+async fn start_http(
+    config: &Arc<Config>,
+    (auth, tls): HttpSecurity,
+    index: &Index,
+    metrics: &Arc<Metrics>,
+    classifier_status: String,
+    store: Arc<Store>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let http = &config.http;
+    let addr = SocketAddr::new(http.bind, http.port);
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on http port {addr}"))?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    info!(%addr, scheme, credentials = %auth.describe(), "HTTP port ready (/healthz, /metrics, /dicom-web, /)");
+    if tls.is_none() && !http.bind.is_loopback() {
+        warn!(%addr, "plain HTTP on a network address: tokens and patient data travel in clear; set http.tls_cert and http.tls_key, or put a TLS proxy in front");
+    }
+    let app = web::router(web::WebState::new(
+        index.clone(),
+        metrics.clone(),
+        Arc::new(classifier_status),
+        store,
+        config.clone(),
+        Arc::new(auth),
+    ));
+    let stop = shutdown.clone();
+    Ok(match tls {
+        Some(tls) => {
+            let listener = web::tls::TlsListener::new(tcp, tls, shutdown.clone())
+                .context("starting the HTTPS listener")?;
+            tokio::spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    warn!(error = %e, "HTTPS server stopped");
+                }
+            })
+        }
+        None => tokio::spawn(async move {
+            let served = axum::serve(tcp, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                warn!(error = %e, "HTTP server stopped");
+            }
+        }),
+    })
 }
 
 /// Load the model (and ONNX Runtime) when the classifier is enabled. A node that cannot

@@ -1,7 +1,10 @@
 //! The HTTP port: `/healthz` for load balancers and systemd watchdogs, `/metrics` for
 //! Prometheus, DICOMweb under `/dicom-web` (QIDO-RS [`qido`], STOW-RS [`stow`], WADO-RS
 //! [`wado`] with [`render`]ed frames), and a page of the recent series at `/` ([`page`]).
+//! Every route but `/healthz` needs credentials with a role ([`auth`]); the port speaks
+//! HTTPS when a certificate is configured ([`tls`]).
 
+pub mod auth;
 mod error;
 pub mod json;
 mod page;
@@ -9,6 +12,7 @@ pub mod qido;
 pub mod render;
 pub mod request;
 pub mod stow;
+pub mod tls;
 pub mod wado;
 
 use std::sync::Arc;
@@ -41,6 +45,8 @@ pub struct WebState {
     pub store: Arc<Store>,
     pub config: Arc<Config>,
     pub render_slots: Arc<Semaphore>,
+    /// Who may do what on the port.
+    pub auth: Arc<auth::Authenticator>,
 }
 
 impl WebState {
@@ -50,6 +56,7 @@ impl WebState {
         classifier: Arc<String>,
         store: Arc<Store>,
         config: Arc<Config>,
+        auth: Arc<auth::Authenticator>,
     ) -> WebState {
         WebState {
             index,
@@ -58,6 +65,7 @@ impl WebState {
             store,
             config,
             render_slots: Arc::new(Semaphore::new(RENDER_SLOTS)),
+            auth,
         }
     }
 
@@ -74,6 +82,8 @@ pub fn router(state: WebState) -> Router {
         .route("/metrics", get(metrics))
         .route("/", get(page::index))
         .route("/ui", get(page::index))
+        .route("/login", get(auth::login_form).post(auth::login))
+        .route("/logout", post(auth::logout))
         .route(
             "/dicom-web/studies",
             get(qido::studies).post(stow::store_instances),
@@ -102,6 +112,10 @@ pub fn router(state: WebState) -> Router {
             &format!("{instance}/frames/{{frames}}/rendered"),
             get(wado::rendered_frame),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require,
+        ))
         .with_state(state)
 }
 

@@ -1453,3 +1453,841 @@ fn the_page_shows_a_labelled_series_in_a_browser() {
         let _ = std::fs::copy(&shot, Path::new(&dir).join("web-page.png"));
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Security: credentials and roles, the login cookie, JWTs, HTTPS, no PHI in the log
+
+/// `anatomy-node token`: (the token, its hash) from what the command prints.
+fn make_token(name: &str, roles: &str) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_anatomy-node"))
+        .args(["token", "--name", name, "--roles", roles])
+        .output()
+        .expect("anatomy-node token");
+    assert!(out.status.success(), "{}", common::text(&out));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let token = text
+        .lines()
+        .find(|l| l.starts_with("anp_"))
+        .expect("a token line")
+        .to_string();
+    let hash = text
+        .lines()
+        .find_map(|l| l.strip_prefix("sha256 = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("a sha256 line")
+        .to_string();
+    assert!(
+        !text.contains(&format!("\"{token}\"")),
+        "the config holds no token"
+    );
+    assert!(text.contains(&format!("name = \"{name}\"")), "{text}");
+    (token, hash)
+}
+
+fn get_with(node: &Node, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = agent().get(&url(node, path));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    reply(req.call())
+}
+
+/// The response headers of `name` for a GET.
+fn header_of(node: &Node, path: &str, headers: &[(&str, &str)], name: &str) -> Vec<String> {
+    let mut req = agent().get(&url(node, path));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.call().expect("HTTP request");
+    r.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect()
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// POST /login with a form: (status, Set-Cookie, body).
+fn login(node: &Node, token: &str) -> (u16, Vec<String>, String) {
+    let mut r = agent()
+        .post(&url(node, "/login"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .send(format!("token={token}").as_bytes())
+        .expect("login");
+    let cookies = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    let status = r.status().as_u16();
+    let body = r.body_mut().read_to_string().unwrap_or_default();
+    (status, cookies, body)
+}
+
+/// Headless Chromium's DOM of `url` after scripts and navigations (5 s of virtual time).
+fn dump_dom(browser: &Path, url: &str) -> String {
+    let profile = tempfile::tempdir().expect("profile dir");
+    let out = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--allow-file-access-from-files",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .output()
+        .expect("run chromium");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn tokens_and_roles_guard_every_route_and_the_page_signs_in() {
+    let work = tempfile::tempdir().expect("work");
+    let (reader, reader_hash) = make_token("viewer", "read");
+    let (writer, writer_hash) = make_token("modality", "write");
+    let (scraper, scraper_hash) = make_token("prometheus", "metrics");
+    let node = Node::start_with(NodeOptions {
+        stable_after_secs: 1,
+        extra_http: "anonymous = false".into(),
+        // Two tokens in the configuration, one in the environment's text form.
+        http_tables: format!(
+            "[[http.tokens]]\nname = \"viewer\"\nsha256 = \"{reader_hash}\"\nroles = [\"read\"]\n\
+             [[http.tokens]]\nname = \"modality\"\nsha256 = \"{writer_hash}\"\nroles = [\"write\"]\n"
+        ),
+        env: vec![(
+            "ANATOMY_HTTP__TOKENS".into(),
+            format!(
+                "viewer:{reader_hash}:read,modality:{writer_hash}:write,prometheus:{scraper_hash}:metrics"
+            ),
+        )],
+        ..NodeOptions::default()
+    });
+    let (spec, files) = data::synthetic_series(&work.path().join("series"), 612, 3, 32);
+    let auth = |t: &str| bearer(t);
+
+    // /healthz is open; everything else needs credentials.
+    assert_eq!(get(&node, "/healthz", None).status, 200);
+    for path in ["/dicom-web/studies", "/dicom-web/series", "/metrics", "/ui"] {
+        let r = get(&node, path, None);
+        assert_eq!(r.status, 401, "{path}: {}", r.text());
+        let challenge = header_of(&node, path, &[], "www-authenticate");
+        assert!(
+            challenge.iter().any(|c| c.starts_with("Bearer realm=")),
+            "{path}: {challenge:?}"
+        );
+    }
+    let r = get(&node, "/dicom-web/studies", None);
+    assert!(r.text().contains("authentication required"), "{}", r.text());
+
+    // STOW-RS needs write: the reader gets 403, the writer stores.
+    let body = multipart(
+        BOUNDARY,
+        &[(
+            "application/dicom",
+            &std::fs::read(&files[0]).expect("file"),
+        )],
+    );
+    let stow_as = |token: &str| {
+        reply(
+            agent()
+                .post(&url(&node, "/dicom-web/studies"))
+                .header("Content-Type", &stow_type(BOUNDARY))
+                .header("Authorization", &auth(token))
+                .send(&body[..]),
+        )
+    };
+    let r = stow_as(&reader);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("\"write\""), "{}", r.text());
+    assert!(node.stored_files().is_empty());
+    let r = stow_as(&writer);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(node.stored_files().len(), 1);
+    let out = node.storescu(&[], &files[1..]);
+    assert!(out.status.success(), "{}", common::text(&out));
+
+    // QIDO-RS, WADO-RS and rendered images need read.
+    let study = format!("/dicom-web/studies?StudyInstanceUID={}", spec.study_uid());
+    let r = get_with(&node, &study, &[("Authorization", &auth(&reader))]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().as_array().map(Vec::len), Some(1));
+    let instance = format!(
+        "/dicom-web/studies/{}/series/{}/instances/{}",
+        spec.study_uid(),
+        spec.series_uid(),
+        spec.sop_uid(0)
+    );
+    let r = get_with(
+        &node,
+        &format!("{instance}/rendered"),
+        &[("Authorization", &auth(&reader)), ("Accept", "image/png")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get_with(&node, &study, &[("Authorization", &auth(&writer))]);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("token modality"), "{}", r.text());
+
+    // /metrics needs metrics.
+    let r = get_with(&node, "/metrics", &[("Authorization", &auth(&reader))]);
+    assert_eq!(r.status, 403);
+    let r = get_with(&node, "/metrics", &[("Authorization", &auth(&scraper))]);
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("instances"), "{}", r.text());
+
+    // Unknown tokens and other schemes: 401 with the reason.
+    let r = get_with(
+        &node,
+        &study,
+        &[("Authorization", &auth("anp_not-a-token"))],
+    );
+    assert_eq!(r.status, 401);
+    assert!(r.text().contains("unknown API token"), "{}", r.text());
+    let challenge = header_of(
+        &node,
+        &study,
+        &[("Authorization", "Bearer anp_x")],
+        "www-authenticate",
+    );
+    assert!(
+        challenge.iter().any(|c| c.contains("invalid_token")),
+        "{challenge:?}"
+    );
+    let r = get_with(&node, &study, &[("Authorization", "Basic dXNlcjpwYXNz")]);
+    assert_eq!(r.status, 401);
+
+    // The page: the login form without credentials; the form's cookie opens it.
+    let page = get(&node, "/", None);
+    assert_eq!(page.status, 401);
+    assert!(page.content_type.starts_with("text/html"));
+    assert!(page
+        .text()
+        .contains("<form class=\"login\" method=\"post\" action=\"/login\""));
+    assert!(!page.text().contains(&spec.series_uid()));
+    let (status, cookies, body) = login(&node, "anp_wrong");
+    assert_eq!(status, 401, "{body}");
+    assert!(cookies.is_empty());
+    let (status, _, body) = login(&node, &writer);
+    assert_eq!(status, 403, "a token without read: {body}");
+    let (status, cookies, _) = login(&node, &reader);
+    assert_eq!(status, 200);
+    let cookie = cookies.first().expect("Set-Cookie");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(
+        !cookie.contains("Secure"),
+        "plain HTTP: no Secure flag: {cookie}"
+    );
+    let pair = cookie.split(';').next().expect("name=value").to_string();
+    let page = get_with(&node, "/", &[("Cookie", &pair)]);
+    assert_eq!(page.status, 200, "{}", page.text());
+    assert!(page.text().contains(&spec.series_uid()));
+    assert!(page.text().contains("signed in: token viewer"));
+    assert!(page.text().contains("action=\"/logout\""));
+    let no_redirects: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build()
+        .into();
+    let r = no_redirects
+        .post(&url(&node, "/logout"))
+        .header("Cookie", &pair)
+        .send(&[][..])
+        .expect("logout");
+    let cleared: Vec<String> = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    assert_eq!(r.status().as_u16(), 303);
+    assert!(
+        cleared
+            .iter()
+            .any(|c| c.starts_with("anatomy_token=;") && c.contains("Max-Age=0")),
+        "{cleared:?}"
+    );
+
+    // In a browser: without the cookie the login form, after signing in the series.
+    let Some(browser) = chromium() else { return };
+    let dom = dump_dom(&browser, &url(&node, "/"));
+    assert!(dom.contains("action=\"/login\""), "no login form: {dom}");
+    assert!(!dom.contains(&spec.series_uid()));
+    // The form is filled and sent by a page of the test's own (the node's page has no
+    // script); the node's answer then takes the browser to / with the cookie.
+    let launcher = work.path().join("sign-in.html");
+    std::fs::write(
+        &launcher,
+        format!(
+            "<!DOCTYPE html><html><body><form method=\"post\" action=\"{}\">\
+             <input name=\"token\" value=\"{reader}\"></form>\
+             <script>document.forms[0].submit()</script></body></html>",
+            url(&node, "/login")
+        ),
+    )
+    .expect("launcher page");
+    let dom = dump_dom(&browser, &format!("file://{}", launcher.display()));
+    assert!(
+        dom.contains(&spec.series_uid()) && dom.contains("Synthetic series 612"),
+        "the page after signing in does not show the series: {dom}"
+    );
+}
+
+// JWTs and HTTPS: keys, certificates and tokens are made here, at run time, with openssl.
+
+fn openssl(args: &[&str]) -> Vec<u8> {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("run openssl (apt package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        common::text(&out)
+    );
+    out.stdout
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn path_arg(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn rsa_key(dir: &Path, name: &str) -> PathBuf {
+    let key = dir.join(format!("{name}.pem"));
+    openssl(&["genrsa", "-out", &path_arg(&key), "2048"]);
+    key
+}
+
+fn rsa_jwk(key: &Path, kid: &str) -> Value {
+    let out = openssl(&["rsa", "-in", &path_arg(key), "-noout", "-modulus"]);
+    let text = String::from_utf8_lossy(&out);
+    let modulus = text.trim().strip_prefix("Modulus=").expect("Modulus=");
+    let n = hex::decode(modulus).expect("hex modulus");
+    serde_json::json!({"kty": "RSA", "kid": kid, "use": "sig", "alg": "RS256",
+                       "n": b64url(&n), "e": "AQAB"})
+}
+
+fn ec_key(dir: &Path, name: &str) -> PathBuf {
+    let key = dir.join(format!("{name}.pem"));
+    openssl(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &path_arg(&key),
+    ]);
+    key
+}
+
+fn ec_jwk(key: &Path, kid: &str) -> Value {
+    let der = openssl(&["ec", "-in", &path_arg(key), "-pubout", "-outform", "DER"]);
+    let point = &der[der.len() - 65..];
+    assert_eq!(point[0], 4, "an uncompressed point");
+    serde_json::json!({"kty": "EC", "crv": "P-256", "kid": kid,
+                       "x": b64url(&point[1..33]), "y": b64url(&point[33..])})
+}
+
+/// A JWS compact token signed with `key` (RS256 or ES256).
+fn sign_jwt(key: &Path, alg: &str, kid: &str, claims: &Value) -> String {
+    let header = serde_json::json!({"alg": alg, "typ": "JWT", "kid": kid});
+    let input = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(claims.to_string().as_bytes())
+    );
+    let dir = tempfile::tempdir().expect("signing dir");
+    let file = dir.path().join("input");
+    std::fs::write(&file, &input).expect("signing input");
+    let mut sig = openssl(&["dgst", "-sha256", "-sign", &path_arg(key), &path_arg(&file)]);
+    if alg == "ES256" {
+        // DER SEQUENCE { INTEGER r, INTEGER s } → r || s, 32 bytes each (RFC 7518, 3.4).
+        let int = |at: usize| -> (Vec<u8>, usize) {
+            assert_eq!(sig[at], 2, "an INTEGER");
+            let len = sig[at + 1] as usize;
+            let v: Vec<u8> = sig[at + 2..at + 2 + len]
+                .iter()
+                .copied()
+                .skip_while(|&b| b == 0)
+                .collect();
+            let mut out = vec![0u8; 32 - v.len()];
+            out.extend(v);
+            (out, at + 2 + len)
+        };
+        let (r, next) = int(2);
+        let (s, _) = int(next);
+        sig = [r, s].concat();
+    }
+    format!("{input}.{}", b64url(&sig))
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+#[test]
+fn jwts_are_checked_against_the_jwks() {
+    let keys = tempfile::tempdir().expect("keys");
+    let rsa = rsa_key(keys.path(), "idp-rsa");
+    let ec = ec_key(keys.path(), "idp-ec");
+    let stranger = rsa_key(keys.path(), "stranger");
+    let jwks = keys.path().join("jwks.json");
+    let set = serde_json::json!({"keys": [rsa_jwk(&rsa, "rsa-1"), ec_jwk(&ec, "ec-1")]});
+    std::fs::write(&jwks, set.to_string()).expect("jwks");
+    let issuer = "https://idp.example.test/realms/hospital";
+    let node = Node::start_with(NodeOptions {
+        extra_http: "anonymous = false".into(),
+        http_tables: format!(
+            "[http.jwt]\njwks_file = \"{}\"\nissuer = \"{issuer}\"\naudience = \"anatomy-node\"\n\
+             roles_claim = \"realm_access.roles\"\nleeway_secs = 5\n",
+            jwks.display()
+        ),
+        ..NodeOptions::default()
+    });
+    let now = now_secs();
+    let claims = |roles: &[&str]| {
+        serde_json::json!({
+            "iss": issuer, "aud": ["account", "anatomy-node"], "sub": "u-123",
+            "preferred_username": "radiologist", "iat": now, "nbf": now - 10, "exp": now + 300,
+            "realm_access": {"roles": roles}
+        })
+    };
+    let status = |token: &str| -> (u16, String) {
+        let r = get_with(
+            &node,
+            "/dicom-web/studies",
+            &[("Authorization", &bearer(token))],
+        );
+        (r.status, r.text())
+    };
+
+    let good = sign_jwt(&rsa, "RS256", "rsa-1", &claims(&["read", "offline_access"]));
+    assert_eq!(status(&good).0, 200, "{}", status(&good).1);
+    let ec_token = sign_jwt(&ec, "ES256", "ec-1", &claims(&["read"]));
+    assert_eq!(status(&ec_token).0, 200, "ES256: {}", status(&ec_token).1);
+
+    // Valid, without the role: 403.
+    let (code, text) = status(&sign_jwt(&rsa, "RS256", "rsa-1", &claims(&["write"])));
+    assert_eq!(code, 403, "{text}");
+    assert!(text.contains("jwt radiologist"), "{text}");
+    // STOW-RS takes the write role from the same claim.
+    let r = reply(
+        agent()
+            .post(&url(&node, "/dicom-web/studies"))
+            .header("Content-Type", &stow_type(BOUNDARY))
+            .header(
+                "Authorization",
+                &bearer(&sign_jwt(&rsa, "RS256", "rsa-1", &claims(&["read"]))),
+            )
+            .send(&multipart(BOUNDARY, &[])[..]),
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+
+    let refused = |token: String, why: &str| {
+        let (code, text) = status(&token);
+        assert_eq!(code, 401, "{why}: {text}");
+        assert!(text.contains(why), "expected {why:?}: {text}");
+    };
+    let mut expired = claims(&["read"]);
+    expired["exp"] = (now - 60).into();
+    refused(sign_jwt(&rsa, "RS256", "rsa-1", &expired), "expired");
+    let mut early = claims(&["read"]);
+    early["nbf"] = (now + 600).into();
+    refused(sign_jwt(&rsa, "RS256", "rsa-1", &early), "not valid yet");
+    let mut no_exp = claims(&["read"]);
+    no_exp.as_object_mut().expect("object").remove("exp");
+    refused(sign_jwt(&rsa, "RS256", "rsa-1", &no_exp), "no exp");
+    let mut other_aud = claims(&["read"]);
+    other_aud["aud"] = "another-service".into();
+    refused(sign_jwt(&rsa, "RS256", "rsa-1", &other_aud), "audience");
+    let mut other_iss = claims(&["read"]);
+    other_iss["iss"] = "https://evil.example.test".into();
+    refused(sign_jwt(&rsa, "RS256", "rsa-1", &other_iss), "issuer");
+    // Signed by a key that is not in the set (under a kid that is).
+    refused(
+        sign_jwt(&stranger, "RS256", "rsa-1", &claims(&["read"])),
+        "signature is not valid",
+    );
+    // A payload changed after signing.
+    let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
+    parts[1] = b64url(claims(&["read", "admin"]).to_string().as_bytes());
+    refused(parts.join("."), "signature is not valid");
+    // alg "none" and HMAC are never accepted.
+    let unsigned = format!(
+        "{}.{}.",
+        b64url(br#"{"alg":"none","typ":"JWT"}"#),
+        b64url(claims(&["read"]).to_string().as_bytes())
+    );
+    refused(unsigned, "not accepted");
+    refused(
+        format!(
+            "{}.{}.c2ln",
+            b64url(br#"{"alg":"HS256","typ":"JWT","kid":"rsa-1"}"#),
+            b64url(claims(&["read"]).to_string().as_bytes())
+        ),
+        "not accepted",
+    );
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert, key).
+fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |name: &str| dir.join(name);
+    let s = |name: &str| path_arg(&dir.join(name));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        &s("ca.key"),
+        "-out",
+        &s("ca.pem"),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=anatomy-node test CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        &s("server.key"),
+        "-out",
+        &s("server.csr"),
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        p("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("extensions");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &s("server.csr"),
+        "-CA",
+        &s("ca.pem"),
+        "-CAkey",
+        &s("ca.key"),
+        "-CAcreateserial",
+        "-out",
+        &s("server.pem"),
+        "-days",
+        "2",
+        "-extfile",
+        &s("server.ext"),
+    ]);
+    (p("ca.pem"), p("server.pem"), p("server.key"))
+}
+
+fn curl(args: &[&str]) -> std::process::Output {
+    Command::new("curl")
+        .args(["-sS", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("run curl (apt package curl)")
+}
+
+#[test]
+fn https_with_a_test_ca_tls12_and_13_only() {
+    let pki = tempfile::tempdir().expect("pki");
+    let (ca, cert, key) = test_pki(pki.path());
+    let (reader, hash) = make_token("viewer", "read");
+    let node = Node::start_with(NodeOptions {
+        extra_http: format!(
+            "anonymous = false\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntokens = \"viewer:{hash}:read\"\n",
+            cert.display(),
+            key.display()
+        ),
+        ..NodeOptions::default()
+    });
+    let base = format!("https://127.0.0.1:{}", node.http_port);
+    let ca_arg = path_arg(&ca);
+    let auth = format!("Authorization: Bearer {reader}");
+
+    let out = curl(&["--cacert", &ca_arg, &format!("{base}/healthz")]);
+    assert!(out.status.success(), "{}", common::text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok"));
+    // QIDO-RS with the token; without it 401.
+    let qido = format!("{base}/dicom-web/studies");
+    let out = curl(&[
+        "--cacert",
+        &ca_arg,
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        "-H",
+        &auth,
+        &qido,
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "{}",
+        common::text(&out)
+    );
+    let out = curl(&[
+        "--cacert",
+        &ca_arg,
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        &qido,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+    // TLS 1.3 and 1.2 are spoken; 1.1 is not.
+    for (flags, ok) in [
+        (&["--tlsv1.3"][..], true),
+        (&["--tlsv1.2", "--tls-max", "1.2"][..], true),
+        (&["--tlsv1.1", "--tls-max", "1.1"][..], false),
+    ] {
+        let mut args = vec!["--cacert", &ca_arg, "-o", "/dev/null"];
+        args.extend(flags);
+        let target = format!("{base}/healthz");
+        args.push(&target);
+        let out = curl(&args);
+        assert_eq!(
+            out.status.success(),
+            ok,
+            "curl {flags:?}: {}",
+            common::text(&out)
+        );
+    }
+    // A client that does not trust the test CA refuses the certificate.
+    let out = curl(&["-o", "/dev/null", &format!("{base}/healthz")]);
+    assert!(
+        !out.status.success(),
+        "an untrusted certificate was accepted"
+    );
+    // The login cookie is Secure over HTTPS.
+    let out = curl(&[
+        "--cacert",
+        &ca_arg,
+        "-i",
+        "-o",
+        "-",
+        "--data-urlencode",
+        &format!("token={reader}"),
+        &format!("{base}/login"),
+    ]);
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    let cookie = head
+        .lines()
+        .find(|l| l.starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no Set-Cookie: {head}"));
+    assert!(
+        cookie.contains("; secure")
+            && cookie.contains("httponly")
+            && cookie.contains("samesite=strict"),
+        "{cookie}"
+    );
+}
+
+/// `serve` with `config` (plus free ports on loopback for DICOM): it must refuse to start,
+/// and the error names `expected`.
+fn refuses_to_start(http: &str, expected: &[&str]) {
+    refuses_to_start_with(http, &[], expected);
+}
+
+fn refuses_to_start_with(http: &str, env: &[(&str, &str)], expected: &[&str]) {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dicom]\nbind = \"127.0.0.1\"\nport = {}\n[http]\nport = {}\n{http}\n\
+             [storage]\npath = \"storage\"\n[classifier]\nenabled = false\n",
+            common::free_port(),
+            common::free_port()
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_anatomy-node"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start anatomy-node");
+    let exited = common::wait_until(20, || child.try_wait().ok().flatten().is_some());
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("output");
+    assert!(
+        exited && !out.status.success(),
+        "the node started with {http:?}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    for e in expected {
+        assert!(err.contains(e), "the error does not name {e:?}: {err}");
+    }
+}
+
+#[test]
+fn anonymous_access_only_on_loopback_and_credentials_are_required_otherwise() {
+    refuses_to_start(
+        "bind = \"0.0.0.0\"",
+        &[
+            "http.anonymous",
+            "http.bind",
+            "0.0.0.0",
+            "ANATOMY_HTTP__ANONYMOUS",
+        ],
+    );
+    refuses_to_start(
+        "anonymous = false",
+        &[
+            "http.anonymous = false",
+            "http.tokens",
+            "anatomy-node token",
+        ],
+    );
+    refuses_to_start(
+        "anonymous = false\ntokens = \"viewer:not-a-hash:read\"",
+        &["sha256 must be 64 hex digits"],
+    );
+    refuses_to_start("tls_cert = \"cert.pem\"", &["http.tls_key"]);
+    // The keys of [http.jwt] come from the environment too.
+    refuses_to_start_with(
+        "",
+        &[
+            ("ANATOMY_HTTP__ANONYMOUS", "false"),
+            ("ANATOMY_HTTP__JWT__JWKS_FILE", "/nonexistent/jwks.json"),
+            ("ANATOMY_HTTP__JWT__ISSUER", "https://idp.example.test"),
+            ("ANATOMY_HTTP__JWT__AUDIENCE", "anatomy-node"),
+        ],
+        &["http.jwt.jwks_file", "/nonexistent/jwks.json"],
+    );
+    refuses_to_start_with(
+        "",
+        &[("ANATOMY_HTTP__JWT__JWKS_FILE", "/nonexistent/jwks.json")],
+        &["http.jwt.issuer"],
+    );
+    refuses_to_start(
+        "tls_cert = \"missing.pem\"\ntls_key = \"missing.key\"",
+        &["http.tls_cert", "missing.pem"],
+    );
+    // The default: anonymous on 127.0.0.1 (the README's first run) serves without a token.
+    let node = Node::start();
+    assert_eq!(get(&node, "/dicom-web/studies", None).status, 200);
+    // Credentials that are sent are checked even then.
+    let r = get_with(
+        &node,
+        "/dicom-web/studies",
+        &[("Authorization", "Bearer anp_x")],
+    );
+    assert_eq!(r.status, 401);
+}
+
+#[test]
+fn patient_data_stays_out_of_the_log() {
+    let work = tempfile::tempdir().expect("work");
+    let model = common::models::make(work.path(), "model", &["--size", "32", "--kind", "stats"]);
+    let classifier = match &model {
+        Some(m) => format!(
+            "enabled = true\nmodel = \"{}\"\ndevice = \"cpu\"\nkey_images = 4\n",
+            m.display()
+        ),
+        None => "enabled = false".into(),
+    };
+    let node = Node::start_with(NodeOptions {
+        stable_after_secs: 1,
+        classifier,
+        ..NodeOptions::default()
+    });
+    let mut spec = SeriesSpec::new(4711, 6, 32);
+    spec.patient_id = "PHIPAT9031".into();
+    let dir = work.path().join("series");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let files = synth::write_series(&dir, &spec).expect("series");
+    // A C-STORE, a STOW-RS (the same instance again), C-FIND and QIDO-RS by patient.
+    let out = node.storescu(&[], &files);
+    assert!(out.status.success(), "{}", common::text(&out));
+    let r = stow(&node, "/dicom-web/studies", &files[..1]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let found = findscu_series(&node, &["PatientName=Phantom^4711", "PatientID=PHIPAT9031"]);
+    assert_eq!(found.len(), 1);
+    assert_eq!(
+        qido(
+            &node,
+            "/dicom-web/series?PatientName=Phantom%5E4711&PatientID=PHIPAT9031"
+        )
+        .len(),
+        1
+    );
+    let index = node.index();
+    let done = common::wait_until(60, || {
+        let sql = if model.is_some() {
+            "SELECT COUNT(*) FROM series_labels WHERE status = 'labelled'"
+        } else {
+            "SELECT COUNT(*) FROM work_queue"
+        };
+        index.count(sql) == 1
+    });
+    assert!(done, "the series was not completed or labelled");
+    node.sigterm();
+    let mut node = node;
+    node.wait_exit(30);
+    let log = node.log();
+    // The log was captured, with the debug lines of the node (tests/common/node.rs).
+    assert!(
+        log.contains("C-STORE status=0000") && log.contains("STOW-RS"),
+        "{log}"
+    );
+    for phi in [
+        "Phantom^4711",
+        "Phantom",
+        "PHIPAT9031",
+        "ACC4711",
+        "19700101",
+    ] {
+        let line = log.lines().find(|l| l.contains(phi));
+        assert!(line.is_none(), "{phi:?} is in the log: {line:?}");
+    }
+    if model.is_some() {
+        assert!(log.contains("classifier ready"), "{log}");
+        // ONNX Runtime's start-up chatter stays out (warnings and errors only).
+        let chatter: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" ort") && !l.contains("WARN") && !l.contains("ERROR"))
+            .collect();
+        assert!(chatter.is_empty(), "ONNX Runtime INFO lines: {chatter:?}");
+    }
+}

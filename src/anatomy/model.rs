@@ -623,8 +623,13 @@ fn open_session(
     }
 }
 
+/// Sessions log warnings and errors only: ONNX Runtime's INFO lines (over a hundred while a
+/// session is created: graph transformers, allocators) say nothing an operator needs. The
+/// log filter keeps the `ort` target at `warn` too (main.rs), unless it names `ort`.
 fn builder(runtime: &Runtime, threads: usize) -> Result<SessionBuilder, ort::Error> {
-    Ok(Session::builder(&runtime.environment)?.with_intra_threads(threads)?)
+    Ok(Session::builder(&runtime.environment)?
+        .with_log_level(ort::logging::LogLevel::Warning)?
+        .with_intra_threads(threads)?)
 }
 
 fn open_error(path: &Path, e: impl fmt::Display) -> ModelError {

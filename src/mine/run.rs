@@ -60,9 +60,10 @@ enum MineError {
     Documents { series: String, error: ArchiveError },
     #[error("retrieving documents of series {series}: {error}")]
     RetrieveDocuments { series: String, error: ArchiveError },
-    #[error("querying the series of accession {accession}: {error}")]
+    #[error("querying the series of study {study} (accession {accession}): {error}")]
     AccessionSeries {
-        accession: String,
+        study: String,
+        accession: crate::phi::Phi,
         error: ArchiveError,
     },
     #[error("querying the images of series {series}: {error}")]

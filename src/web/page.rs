@@ -105,7 +105,7 @@ struct Region {
     code_meaning: Option<String>,
 }
 
-fn escape(text: &str) -> String {
+pub(super) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -403,10 +403,10 @@ async fn series_html(state: &WebState, row: &SeriesRow) -> Result<String, WebErr
     Ok(html)
 }
 
-const STYLE: &str = "\
+pub(super) const STYLE: &str = "\
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:0;background:#f4f5f7;color:#222}\
 main{max-width:1200px;margin:0 auto;padding:16px 24px}\
-h1{font-size:22px;margin:8px 0}h2{font-size:17px;margin:0}\
+h1{font-size:22px;margin:8px 0}form.signout{display:inline;margin-left:6px}h2{font-size:17px;margin:0}\
 .meta{color:#555;font-size:13px}\
 .series{background:#fff;border:1px solid #d9dce1;border-left:6px solid #9e9e9e;border-radius:6px;padding:12px 16px;margin:12px 0}\
 .series.labelled{border-left-color:#2e7d32}.series.failed{border-left-color:#c62828}.series.skipped{border-left-color:#f9a825}\
@@ -424,7 +424,7 @@ figure{margin:0;text-align:center}figure img{background:#000;border-radius:3px;d
 figcaption{font-size:11px;color:#555}\
 nav a{margin-right:16px}";
 
-async fn page(state: WebState, params: Params) -> Result<Response, WebError> {
+async fn page(state: WebState, params: Params, who: &str) -> Result<Response, WebError> {
     let Query(params) =
         params.map_err(|e| WebError::BadRequest(format!("cannot read the query string: {e}")))?;
     let number = |name: &str, default: u64| -> Result<u64, WebError> {
@@ -490,10 +490,19 @@ async fn page(state: WebState, params: Params) -> Result<Response, WebError> {
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>anatomy-node · recent series</title><style>{STYLE}</style></head>\
          <body><main><h1>anatomy-node · {ae}</h1>\
-         <p class=\"meta\">{total} series, newest first · page {page} of {pages} · classifier: {classifier}</p>\
+         <p class=\"meta\">{total} series, newest first · page {page} of {pages} · classifier: {classifier}{signed_in}</p>\
          {nav}{body}{nav}</main></body></html>",
         ae = escape(&state.config.dicom.ae_title),
         classifier = escape(&state.classifier),
+        signed_in = if who.is_empty() || who == "anonymous" {
+            String::new()
+        } else {
+            format!(
+                " · signed in: {} <form class=\"signout\" method=\"post\" action=\"/logout\">\
+                 <button type=\"submit\">Sign out</button></form>",
+                escape(who)
+            )
+        },
     );
     Ok((
         StatusCode::OK,
@@ -509,8 +518,13 @@ async fn page(state: WebState, params: Params) -> Result<Response, WebError> {
         .into_response())
 }
 
-pub async fn index(State(state): State<WebState>, params: Params) -> Response {
-    page(state, params).await.into_response()
+pub async fn index(
+    State(state): State<WebState>,
+    principal: Option<axum::Extension<super::auth::Principal>>,
+    params: Params,
+) -> Response {
+    let who = principal.map(|p| p.0.name).unwrap_or_default();
+    page(state, params, &who).await.into_response()
 }
 
 #[cfg(test)]

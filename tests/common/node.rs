@@ -26,6 +26,11 @@ pub struct NodeOptions {
     pub storage: Option<PathBuf>,
     /// Raw TOML appended to the [dicom] section.
     pub extra_dicom: String,
+    /// Raw TOML appended to the [http] section (credentials, TLS); with `tls_cert` in it the
+    /// node is ready when its HTTP port accepts connections.
+    pub extra_http: String,
+    /// Raw TOML after the [http] section (e.g. `[http.jwt]`, `[[http.tokens]]`).
+    pub http_tables: String,
     /// Environment variables for the node process.
     pub env: Vec<(String, String)>,
     /// The [classifier] section (raw TOML, without the header); default: disabled.
@@ -44,6 +49,8 @@ impl Default for NodeOptions {
             min_free_mb: 0,
             storage: None,
             extra_dicom: String::new(),
+            extra_http: String::new(),
+            http_tables: String::new(),
             env: Vec::new(),
             classifier: "enabled = false".into(),
         }
@@ -129,6 +136,8 @@ allowed_peers = [
 [http]
 bind = "127.0.0.1"
 port = {http_port}
+{extra_http}
+{http_tables}
 
 [storage]
 path = "{storage}"
@@ -156,6 +165,8 @@ level = "info,anatomy_node=debug"
             idle = o.idle_timeout_secs,
             grace = o.shutdown_grace_secs,
             extra = o.extra_dicom,
+            extra_http = o.extra_http,
+            http_tables = o.http_tables,
             storage = self.storage().display(),
             dups = o.duplicates,
             free = o.min_free_mb,
@@ -183,10 +194,15 @@ level = "info,anatomy_node=debug"
             .spawn()
             .expect("start anatomy-node");
         self.child = Some(child);
+        let tls = self.options.extra_http.contains("tls_cert");
         let ready = super::wait_until(30, || {
             self.exited().is_none()
                 && TcpStream::connect(("127.0.0.1", self.dicom_port)).is_ok()
-                && self.http_get("/healthz").0 == 200
+                && if tls {
+                    TcpStream::connect(("127.0.0.1", self.http_port)).is_ok()
+                } else {
+                    self.http_get("/healthz").0 == 200
+                }
         });
         assert!(ready, "node did not become ready:\n{}", self.log());
     }

@@ -322,7 +322,8 @@ impl Miner {
             )
             .await
             .map_err(|error| MineError::AccessionSeries {
-                accession: accession.clone(),
+                study: uid.to_string(),
+                accession: crate::phi::Phi(accession.clone()),
                 error,
             })?;
         targets.extend(series.iter().filter_map(|s| {
