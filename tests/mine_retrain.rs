@@ -492,17 +492,15 @@ fn plant_index(site: &Path, planted: &[(&Slice, String, String, f64)]) {
             .expect("open the node's index");
         index.migrate().await.expect("migrate the node's index");
         let pool = index.pool();
-        let mut ids: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        // Row ids by (table, UID): the first key-image of a patient, study or series adds it.
+        let mut ids: BTreeMap<(&'static str, String), i64> = BTreeMap::new();
         for (slice, label, decoded, p) in planted {
-            let mut id = |kind: &'static str, key: &str| -> (i64, bool) {
+            let mut id = |table: &'static str, key: &str| -> (i64, bool) {
                 let next = ids.len() as i64 + 1;
-                let key: &str = Box::leak(key.to_string().into_boxed_str());
-                let mut new = false;
-                let id = *ids.entry((kind, key)).or_insert_with(|| {
-                    new = true;
-                    next
-                });
-                (id, new)
+                match ids.entry((table, key.to_string())) {
+                    std::collections::btree_map::Entry::Occupied(e) => (*e.get(), false),
+                    std::collections::btree_map::Entry::Vacant(e) => (*e.insert(next), true),
+                }
             };
             let (patient, new_patient) = id("patient", &slice.case);
             let (study, new_study) = id("study", &slice.study);
@@ -756,7 +754,19 @@ fn self_training_pseudo_labels_confident_ordered_images_and_promotion_reads_huma
         .collect();
     // Human labels everywhere the RIS gives one (never a pseudo label over them), pseudo
     // labels exactly for the confident, order-consistent predictions.
-    assert_eq!(got, expected);
+    let planted_as = |sop: &String| kind_of.get(sop).copied();
+    let unexpected: Vec<_> = got
+        .difference(&expected)
+        .map(|r| (r, planted_as(&r.0)))
+        .collect();
+    let missing: Vec<_> = expected
+        .difference(&got)
+        .map(|r| (r, planted_as(&r.0)))
+        .collect();
+    assert!(
+        unexpected.is_empty() && missing.is_empty(),
+        "rows not expected (planted as): {unexpected:?}\nrows missing: {missing:?}"
+    );
     assert_eq!(manifest.len(), expected.len(), "no duplicates");
     let stats = &d["mine"]["report"]["report"]["stats"];
     assert_eq!(

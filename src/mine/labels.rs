@@ -678,8 +678,14 @@ mod tests {
             probability,
             model_version: "m1".into(),
         };
-        assert_eq!(p("liver", "liver", 0.99).pseudo_check(0.98, true), PseudoCheck::Keep);
-        assert_eq!(p("liver", "liver", 0.98).pseudo_check(0.98, true), PseudoCheck::Keep);
+        assert_eq!(
+            p("liver", "liver", 0.99).pseudo_check(0.98, true),
+            PseudoCheck::Keep
+        );
+        assert_eq!(
+            p("liver", "liver", 0.98).pseudo_check(0.98, true),
+            PseudoCheck::Keep
+        );
         assert_eq!(
             p("liver", "liver", 0.97).pseudo_check(0.98, true),
             PseudoCheck::BelowThreshold
@@ -693,7 +699,10 @@ mod tests {
             p("legs", "lungs", 0.5).pseudo_check(0.98, true),
             PseudoCheck::BelowThreshold
         );
-        assert_eq!(p("legs", "lungs", 0.99).pseudo_check(0.98, false), PseudoCheck::Keep);
+        assert_eq!(
+            p("legs", "lungs", 0.99).pseudo_check(0.98, false),
+            PseudoCheck::Keep
+        );
     }
 
     #[test]
