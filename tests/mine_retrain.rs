@@ -6,6 +6,12 @@
 //! and the decision by the documented rule. A second run right after mines nothing and has
 //! nothing to learn (exit 15).
 //!
+//! Self-training (`--self-train`): the node's index (written here as the node writes it)
+//! holds predictions for the slices the RIS leaves out; only the confident ones that agree
+//! with their series' decoded order become `pseudo:<model>` rows, never over a human label;
+//! both models are judged on the human-labelled test images only, so a candidate whose
+//! errors hide in pseudo-labelled test images is not promoted.
+//!
 //! Needs ../shared/data/ct (else SKIPPED), Orthanc, the test Python (tests/common/models.rs)
 //! and training/.venv. The index is SQLite in the test's storage folder: what is tested is
 //! the dataset folder between mine, training/ and eval, not the index.
