@@ -40,9 +40,10 @@
 #              that trains elsewhere, e.g. on a GPU machine).
 #  4. evaluate `anatomy-node eval --split test --labels human` scores the current model
 #              (MODEL, the file the node serves) and the candidate on the same dataset, so on
-#              the same held-out patients and the same human-labelled images. A candidate that `eval` cannot load (the model contract: metadata,
-#              input/output, its input size against the dataset's) or that lacks one of the
-#              current model's classes is refused: exit 12.
+#              the same held-out patients and the same human-labelled images. A candidate
+#              that `eval` cannot load (the model contract: metadata, input/output, its input
+#              size against the dataset's) or that lacks one of the current model's classes
+#              is refused: exit 12.
 #  5. decide   Promote only if the candidate is better:
 #                - its slice error on the test split is strictly lower (errors/images, exact),
 #                - or equal, and its mean one-vs-rest AUC over the classes that both models
