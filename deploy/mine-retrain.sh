@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The nightly model loop: mine → retrain → evaluate → promote (issue #6).
+# The nightly model loop: mine → retrain → evaluate → promote (issue #6), optionally
+# self-training on the site's own unlabelled series (issue #16).
 #
 #   deploy/mine-retrain.sh [options]        # as the service user; cron or systemd timer
+#
+# Models are judged on HUMAN labels only: every evaluation scores the test split's images
+# whose label_source does not start with `pseudo:` (`anatomy-node eval --labels human`), so a
+# candidate can never look better by agreeing with pseudo labels (its own, or its
+# predecessor's). Pseudo labels are training material, never the yardstick.
 #
 # Stages (each one's log goes into the run's report folder, see "Reports" below):
 #  1. mine     `anatomy-node mine --config CONFIG --out DATASET` appends newly labelled
@@ -11,21 +17,33 @@
 #              with exit 13 unless --allow-partial (ALLOW_PARTIAL=1), since the dataset is
 #              consistent but incomplete and the next night completes it; 1, 2 or any other →
 #              exit 1. --skip-mine uses DATASET as it is.
+#              --self-train (SELF_TRAIN=1) runs mine with pseudo labels on, whatever the
+#              configuration says (ANATOMY_MINE__PSEUDO_LABELS=true): the key-images of the
+#              node's index (the site's own series, labelled by the served model) whose
+#              probability reaches mine.pseudo_label_min_probability and whose label equals
+#              their series' decoded head-to-foot label (mine.pseudo_label_require_order)
+#              join the dataset as `pseudo:<model version>` rows, only where no human label
+#              exists. CONFIG's [database] and [storage] must be the node's own.
 #  2. check    the dataset's test split (held-out patients) must hold at least
-#              MIN_TEST_IMAGES scored images (label not `ambiguous`) of MIN_TEST_PATIENTS
-#              patients, or nothing can be compared: exit 11, nothing trained or promoted.
+#              MIN_TEST_IMAGES scored images (human label, not `ambiguous`) of
+#              MIN_TEST_PATIENTS patients, or nothing can be compared: exit 11, nothing
+#              trained or promoted. Pseudo-labelled test images are counted apart, never
+#              scored.
 #     With training (no --candidate): if manifest.csv is byte-identical to the one the last
 #     training run used, there is nothing new to learn: exit 15 (--force trains anyway).
 #  3. train    `python -m training pack` + `train` + `export` (the choices of
 #              training/reproduce.sh, changeable through the environment below); the model's
 #              version is VERSION_PREFIX-<run id>, e.g. anatomy-convnet-20261128T020000Z.
+#              Pseudo-labelled training images are drawn PSEUDO_WEIGHT times as often as a
+#              human-labelled image of the same class (`train --pseudo-weight`; 0 drops them).
 #              --candidate MODEL skips training and evaluates/promotes MODEL instead (a site
 #              that trains elsewhere, e.g. on a GPU machine).
-#  4. evaluate `anatomy-node eval --split test` scores the current model (MODEL, the file the
-#              node serves) and the candidate on the same dataset, so on the same held-out
-#              patients. A candidate that `eval` cannot load (the model contract: metadata,
-#              input/output, its input size against the dataset's) or that lacks one of the
-#              current model's classes is refused: exit 12.
+#  4. evaluate `anatomy-node eval --split test --labels human` scores the current model
+#              (MODEL, the file the node serves) and the candidate on the same dataset, so on
+#              the same held-out patients and the same human-labelled images. A candidate
+#              that `eval` cannot load (the model contract: metadata, input/output, its input
+#              size against the dataset's) or that lacks one of the current model's classes
+#              is refused: exit 12.
 #  5. decide   Promote only if the candidate is better:
 #                - its slice error on the test split is strictly lower (errors/images, exact),
 #                - or equal, and its mean one-vs-rest AUC over the classes that both models
@@ -49,6 +67,8 @@
 #   --reports DIR     REPORTS=/var/lib/anatomy-node/retrain   one folder per run, and the lock
 #   --candidate FILE  CANDIDATE=     skip training; evaluate and maybe promote this ONNX file
 #   --skip-mine       SKIP_MINE=1    use DATASET as it is
+#   --self-train      SELF_TRAIN=1   mine with pseudo labels on (see stage 1); not with
+#                                    --skip-mine
 #   --allow-partial   ALLOW_PARTIAL=1  go on after mine exit 3 or 4
 #   --since/--until YYYYMMDD  SINCE=, UNTIL=   passed to `mine` (default: its lookback)
 #   --force           FORCE=1        train even when the dataset has not changed
@@ -64,6 +84,8 @@
 #   TRAIN_ARGS="--width 32 --blocks 1,1,1,1 --pair-p 0.5 --pair-classes legs,pelvis"
 #                            the rest of the `train` options (word-split; shipped choices)
 #   VERSION_PREFIX=anatomy-convnet
+#   PSEUDO_WEIGHT=1          `train --pseudo-weight`: sampling weight of pseudo-labelled
+#                            training images against human ones (0: not trained on)
 #   WORK=$REPORTS/work       the packed dataset.npz (rewritten every run)
 #   EVAL_DEVICE=cpu EVAL_THREADS=0   `anatomy-node eval --device/--threads`
 #   MIN_TEST_IMAGES=100 MIN_TEST_PATIENTS=5 AUC_MARGIN=0.001
@@ -117,6 +139,7 @@ MODEL=${MODEL:-/var/lib/anatomy-node/models/anatomy.onnx}
 REPORTS=${REPORTS:-/var/lib/anatomy-node/retrain}
 CANDIDATE=${CANDIDATE:-}
 SKIP_MINE=${SKIP_MINE:-0}
+SELF_TRAIN=${SELF_TRAIN:-0}
 ALLOW_PARTIAL=${ALLOW_PARTIAL:-0}
 SINCE=${SINCE:-}
 UNTIL=${UNTIL:-}
@@ -140,6 +163,7 @@ while (($#)); do
             shift 2
             ;;
         --skip-mine) SKIP_MINE=1 && shift ;;
+        --self-train) SELF_TRAIN=1 && shift ;;
         --allow-partial) ALLOW_PARTIAL=1 && shift ;;
         --force) FORCE=1 && shift ;;
         -h | --help) usage && exit 0 ;;
@@ -156,6 +180,7 @@ PATIENCE=${PATIENCE:-15}
 THREADS=${THREADS:-2}
 TRAIN_ARGS=${TRAIN_ARGS:---width 32 --blocks 1,1,1,1 --pair-p 0.5 --pair-classes legs,pelvis}
 VERSION_PREFIX=${VERSION_PREFIX:-anatomy-convnet}
+PSEUDO_WEIGHT=${PSEUDO_WEIGHT:-1}
 WORK=${WORK:-$REPORTS/work}
 EVAL_DEVICE=${EVAL_DEVICE:-cpu}
 EVAL_THREADS=${EVAL_THREADS:-0}
@@ -172,13 +197,17 @@ if [[ -z "${ANATOMY_NODE:-}" ]]; then
 fi
 
 # --- checks that need no lock ---------------------------------------------------------------
-for flag in SKIP_MINE ALLOW_PARTIAL FORCE; do
+for flag in SKIP_MINE SELF_TRAIN ALLOW_PARTIAL FORCE; do
     [[ "${!flag}" == 0 || "${!flag}" == 1 ]] || die_usage "$flag must be 0 or 1, not '${!flag}'"
 done
 for n in MIN_TEST_IMAGES MIN_TEST_PATIENTS KEEP_REPORTS EPOCHS PATIENCE THREADS EVAL_THREADS; do
     [[ "${!n}" =~ ^[0-9]+$ ]] || die_usage "$n must be a whole number, not '${!n}'"
 done
 [[ "$AUC_MARGIN" =~ ^[0-9]*\.?[0-9]+$ ]] || die_usage "AUC_MARGIN must be a number >= 0"
+[[ "$PSEUDO_WEIGHT" =~ ^[0-9]*\.?[0-9]+$ ]] || die_usage "PSEUDO_WEIGHT must be a number >= 0"
+if [[ "$SELF_TRAIN" == 1 && "$SKIP_MINE" == 1 ]]; then
+    die_usage "--self-train mines pseudo labels: not with --skip-mine"
+fi
 for d in SINCE UNTIL; do
     [[ -z "${!d}" || "${!d}" =~ ^[0-9]{8}$ ]] || die_usage "$d must be YYYYMMDD, not '${!d}'"
 done
@@ -246,6 +275,7 @@ finish() {
     set +e
     R_FINISHED=$(date -u +%Y-%m-%dT%H:%M:%SZ) R_CODE=$code R_STARTED=$R_STARTED \
         R_REASON=$R_REASON R_MINE_EXIT=$R_MINE_EXIT R_SKIP_MINE=$SKIP_MINE R_TRAINED=$R_TRAINED \
+        R_SELF_TRAIN=$SELF_TRAIN R_PSEUDO_WEIGHT=$PSEUDO_WEIGHT \
         R_CANDIDATE=$R_CANDIDATE R_MODEL=$MODEL R_DATASET=$DATASET R_BACKUP=$R_BACKUP \
         R_RELOAD_CMD=$RELOAD_CMD R_RELOAD_EXIT=$R_RELOAD_EXIT R_STAGE=$R_STAGE R_RUN_ID=$RUN_ID \
         R_RUN_DIR=$RUN_DIR R_AUC_MARGIN=$AUC_MARGIN R_MIN_TEST_IMAGES=$MIN_TEST_IMAGES \
@@ -282,7 +312,7 @@ def headline(metrics):
             "patient_error": metrics.get("patient", {}).get("error"),
             "ece": metrics.get("calibration", {}).get("ece")}
 
-mine = {"skipped": e["R_SKIP_MINE"] == "1"}
+mine = {"skipped": e["R_SKIP_MINE"] == "1", "pseudo_labels": e["R_SELF_TRAIN"] == "1"}
 if e["R_MINE_EXIT"]:
     mine["exit_code"] = int(e["R_MINE_EXIT"])
     mine["meaning"] = mine_meaning.get(e["R_MINE_EXIT"], "unknown")
@@ -309,10 +339,12 @@ report = {
     "mine": mine,
     "dataset": load("test-split.json") or {"path": e["R_DATASET"]},
     "trained_here": e["R_TRAINED"] == "1",
+    "self_train": {"enabled": e["R_SELF_TRAIN"] == "1", "pseudo_weight": float(e["R_PSEUDO_WEIGHT"])},
     "current_model": {"path": e["R_MODEL"], "eval": headline(load("eval-current/metrics.json"))},
     "candidate_model": {"path": e["R_CANDIDATE"] or None,
                         "eval": headline(load("eval-candidate/metrics.json"))},
-    "rule": {"primary": "slice error on the test split, strictly lower",
+    "rule": {"scored": "the test split's human labels (label_source not pseudo:...)",
+             "primary": "slice error on the test split, strictly lower",
              "tie_break": "mean AUC over the classes both models score, higher by more than "
                           f"{e['R_AUC_MARGIN']}",
              "min_test_images": int(e["R_MIN_TEST_IMAGES"]),
@@ -379,13 +411,19 @@ if [[ "$SKIP_MINE" == 1 ]]; then
     log "mine: skipped (--skip-mine), dataset $DATASET"
 else
     R_STAGE=mine
-    log "mine: $ANATOMY_NODE mine --config $CONFIG --out $DATASET"
     args=(mine --config "$CONFIG" --out "$DATASET")
     [[ -n "$SINCE" ]] && args+=(--since "$SINCE")
     [[ -n "$UNTIL" ]] && args+=(--until "$UNTIL")
+    mine_env=()
+    if [[ "$SELF_TRAIN" == 1 ]]; then
+        # Self-training: the node's confident, order-consistent predictions as pseudo labels.
+        mine_env=(ANATOMY_MINE__PSEUDO_LABELS=true)
+        log "mine: self-training, pseudo labels on (ANATOMY_MINE__PSEUDO_LABELS=true)"
+    fi
+    log "mine: $ANATOMY_NODE mine --config $CONFIG --out $DATASET"
     rc=0
     report_before=$(newest_mine_report)
-    "$ANATOMY_NODE" "${args[@]}" >"$RUN_DIR/mine.log" 2>&1 9>&- || rc=$?
+    env "${mine_env[@]}" "$ANATOMY_NODE" "${args[@]}" >"$RUN_DIR/mine.log" 2>&1 9>&- || rc=$?
     R_MINE_EXIT=$rc
     # mine's own report of this run (counts, timing), when it wrote one: a report newer than
     # the newest before the run (the dataset's mine.json only ties the folder to the index).
@@ -428,7 +466,11 @@ with manifest.open(newline="") as f:
 for column in ("label", "split"):
     if rows and column not in rows[0]:
         raise SystemExit(f"manifest.csv has no `{column}` column")
-test = [r for r in rows if r["split"] == "test" and r["label"] != "ambiguous"]
+# Models are judged on human labels only (`anatomy-node eval --labels human`).
+def pseudo(r):
+    return (r.get("label_source") or "").startswith("pseudo:")
+test_all = [r for r in rows if r["split"] == "test" and r["label"] != "ambiguous"]
+test = [r for r in test_all if not pseudo(r)]
 # Patients: the anonymised patient key of the contract; a study when a manifest has none.
 key = "patient_key" if rows and "patient_key" in rows[0] else "study_uid"
 summary = {
@@ -438,6 +480,8 @@ summary = {
     "test_images": len(test),
     "test_patients": len({r.get(key, "") for r in test}),
     "patients_from": key,
+    "test_images_pseudo": len(test_all) - len(test),
+    "pseudo_images": sum(1 for r in rows if pseudo(r)),
     "splits": {s: sum(1 for r in rows if r["split"] == s) for s in sorted({r["split"] for r in rows})},
 }
 (Path(os.environ["RUN_DIR"]) / "test-split.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -446,9 +490,9 @@ read -r MANIFEST_SHA TEST_IMAGES TEST_PATIENTS < <("$PYTHON3" -c '
 import json, sys
 s = json.load(open(sys.argv[1]))
 print(s["manifest_sha256"], s["test_images"], s["test_patients"])' "$RUN_DIR/test-split.json")
-log "dataset: test split $TEST_IMAGES scored images of $TEST_PATIENTS patients"
+log "dataset: test split $TEST_IMAGES scored images (human labels) of $TEST_PATIENTS patients"
 if ((TEST_IMAGES < MIN_TEST_IMAGES || TEST_PATIENTS < MIN_TEST_PATIENTS)); then
-    stop "$EXIT_TOO_SMALL" "the test split holds $TEST_IMAGES scored images of $TEST_PATIENTS \
+    stop "$EXIT_TOO_SMALL" "the test split holds $TEST_IMAGES scored human-labelled images of $TEST_PATIENTS \
 patients; comparing models needs at least $MIN_TEST_IMAGES images of $MIN_TEST_PATIENTS patients \
 (MIN_TEST_IMAGES, MIN_TEST_PATIENTS): not promoted"
 fi
@@ -474,7 +518,8 @@ else
     read -r -a train_extra <<<"$TRAIN_ARGS"
     (cd "$ANATOMY_REPO" && "$PY" -m training train --data "$WORK/dataset.npz" --out "$RUN_DIR/train" \
         --device "$DEVICE" --seed "$SEED" --epochs "$EPOCHS" --patience "$PATIENCE" \
-        --threads "$THREADS" --model-version "$VERSION" "${train_extra[@]}") \
+        --threads "$THREADS" --model-version "$VERSION" --pseudo-weight "$PSEUDO_WEIGHT" \
+        "${train_extra[@]}") \
         >"$RUN_DIR/train.log" 2>&1 9>&- ||
         { show_tail "$RUN_DIR/train.log" && stop "$EXIT_FAILED" "python -m training train failed (see train.log)"; }
     log "train: export $RUN_DIR/candidate.onnx"
@@ -486,14 +531,14 @@ else
     R_CANDIDATE=$RUN_DIR/candidate.onnx
 fi
 
-# --- 4. evaluate both on the same held-out patients ----------------------------------------
+# --- 4. evaluate both on the same held-out patients, human labels only ----------------------
 R_STAGE=evaluate
 first_error() { # the first error line of a log, without the program's prefix
     { grep -m1 'error' "$1" || tail -n1 "$1"; } | sed 's/^anatomy-node: error: //'
 }
 evaluate() { # model, out folder → eval's exit code; its output in <out>.log
     local rc=0
-    "$ANATOMY_NODE" eval --model "$1" --dataset "$DATASET" --split test --out "$2" \
+    "$ANATOMY_NODE" eval --model "$1" --dataset "$DATASET" --split test --labels human --out "$2" \
         --device "$EVAL_DEVICE" --threads "$EVAL_THREADS" >"$2.log" 2>&1 9>&- || rc=$?
     return "$rc"
 }
@@ -539,8 +584,8 @@ def out(verdict, reason, **extra):
 c = cand["slice"]
 images, patients = c["images"], scored_patients(cand)
 if images < int(os.environ["MIN_TEST_IMAGES"]) or patients < int(os.environ["MIN_TEST_PATIENTS"]):
-    out("too-small", f"the candidate scores {images} test images of {patients} patients (the others "
-        "have labels outside its classes); too few to compare")
+    out("too-small", f"the candidate scores {images} human-labelled test images of {patients} "
+        "patients (the others have labels outside its classes); too few to compare")
 if cur is None:
     out("promote", "no current model: the candidate becomes the first one "
         f"(slice error {100 * c['error']:.2f} %)")

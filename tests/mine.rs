@@ -1054,7 +1054,13 @@ fn pseudo_labels_come_from_the_node_marked_and_never_over_a_human_label() {
         "the node did not label the series: {}",
         node.log()
     );
-    // The node's key-images: SOP Instance UID, predicted class, its probability.
+    // The node's key-images: SOP Instance UID, predicted class, its probability, and
+    // whether the class is the one the series' decoding (head-to-foot order) gave it.
+    let in_order: BTreeMap<String, bool> = index
+        .rows("SELECT sop_instance_uid, label, smoothed_label FROM key_images")
+        .into_iter()
+        .map(|r| (r[0].clone(), r[1] == r[2]))
+        .collect();
     let predictions: Vec<(String, String, f64)> = index
         .rows("SELECT sop_instance_uid, label, probabilities FROM key_images ORDER BY id")
         .into_iter()
@@ -1079,8 +1085,13 @@ fn pseudo_labels_come_from_the_node_marked_and_never_over_a_human_label() {
         probabilities.iter().any(|p| *p < threshold),
         "the probabilities differ: {predictions:?}"
     );
-    // Every prediction under the threshold is counted (a human-labelled image's too).
+    // Every prediction under the threshold is counted (a human-labelled image's too), and
+    // every confident one out of its series' order (mine.pseudo_label_require_order).
     let below = predictions.iter().filter(|p| p.2 < threshold).count();
+    let out_of_order = predictions
+        .iter()
+        .filter(|p| p.2 >= threshold && !in_order[&p.0])
+        .count();
 
     // The archive has both series; a radiologist flagged one of the node's key-images
     // (pelvis) and an image of the other series.
@@ -1123,7 +1134,7 @@ fn pseudo_labels_come_from_the_node_marked_and_never_over_a_human_label() {
     let pseudo = format!("pseudo:{model_version}");
     let mut expected: BTreeSet<_> = predictions
         .iter()
-        .filter(|(u, _, p)| *u != predicted[2] && *p >= threshold)
+        .filter(|(u, _, p)| *u != predicted[2] && *p >= threshold && in_order[u])
         .map(|(u, label, _)| expect(u, label, &pseudo))
         .collect();
     let pseudo_rows = expected.len();
@@ -1140,6 +1151,7 @@ fn pseudo_labels_come_from_the_node_marked_and_never_over_a_human_label() {
     );
     let st = stats(&dataset);
     assert_eq!(st["pseudo_below_threshold"], below, "{st}");
+    assert_eq!(st["pseudo_out_of_order"], out_of_order, "{st}");
 
     // Without pseudo_labels (the default) the same archive gives the human labels only.
     let config = s.config_on("get", "", &node.storage(), &s.db.url);

@@ -424,8 +424,8 @@ fn no_model_is_promoted_on_a_too_small_test_split() {
     assert_eq!(d["outcome"], "test-split-too-small");
     assert_eq!(
         d["reason"],
-        "the test split holds 38 scored images of 2 patients; comparing models needs at least \
-         30 images of 3 patients (MIN_TEST_IMAGES, MIN_TEST_PATIENTS): not promoted"
+        "the test split holds 38 scored human-labelled images of 2 patients; comparing models \
+         needs at least 30 images of 3 patients (MIN_TEST_IMAGES, MIN_TEST_PATIENTS): not promoted"
     );
     assert!(
         !site.latest().join("eval-candidate").exists(),
@@ -446,7 +446,7 @@ fn no_model_is_promoted_on_a_too_small_test_split() {
     assert!(site.decision()["reason"]
         .as_str()
         .unwrap()
-        .starts_with("the test split holds 0 scored images of 0 patients"));
+        .starts_with("the test split holds 0 scored human-labelled images of 0 patients"));
     assert_eq!(read(&site.model()), before);
 }
 

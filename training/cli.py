@@ -51,7 +51,8 @@ def cmd_train(a) -> int:
     cfg = TrainConfig(
         data=a.data, out=a.out, classes=a.classes, hu_window=a.hu_window, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs,
-        label_smoothing=a.label_smoothing, balance=a.balance, balance_power=a.balance_power, width=a.width, blocks=a.blocks,
+        label_smoothing=a.label_smoothing, balance=a.balance, balance_power=a.balance_power,
+        pseudo_weight=a.pseudo_weight, width=a.width, blocks=a.blocks,
         dropout=a.dropout, patience=a.patience, ema=a.ema, keep=a.keep, seed=a.seed, device=a.device, amp=a.amp,
         channels_last=a.channels_last, compile=a.compile, deterministic=not a.nondeterministic,
         limit=a.limit, steps_per_epoch=a.steps_per_epoch, eval_batch_size=a.eval_batch_size,
@@ -234,6 +235,9 @@ def parser() -> argparse.ArgumentParser:
                    help="class balancing: weighted sampling (equal classes per batch), class-weighted loss, or none")
     g.add_argument("--balance-power", type=float, default=d.balance_power,
                    help="class weight = count^-POWER: 1 equalises classes, 0.5 is softer, 0 is no balancing")
+    g.add_argument("--pseudo-weight", type=float, default=d.pseudo_weight,
+                   help="sampling weight of pseudo-labelled training images (label_source pseudo:..., the node's "
+                        "own predictions mined by `anatomy-node mine`) against a human-labelled one; 0: not trained on")
     g.add_argument("--patience", type=int, default=d.patience, help="early stop after N epochs without val NLL improvement (0: never)")
     g.add_argument("--ema", type=float, default=d.ema,
                    help="decay per step of an exponential moving average of the weights, which is then validated, "

@@ -42,6 +42,10 @@ class TrainConfig:
     label_smoothing: float = 0.05
     balance: str = "sampler"  # sampler | loss | none
     balance_power: float = 1.0  # class weight = count^-power (1: fully balanced, 0.5: softer)
+    # Pseudo-labelled training images (label_source `pseudo:<model>`, the node's own confident,
+    # order-consistent predictions mined by `anatomy-node mine`) are drawn this many times as
+    # often as a human-labelled image of the same class; 0: never trained on.
+    pseudo_weight: float = 1.0
     width: int = 32
     blocks: tuple = (2, 2, 2, 2)
     dropout: float = 0.2
@@ -126,6 +130,25 @@ def sample_weights(targets: np.ndarray, num_classes: int, power: float = 1.0) ->
     share of each batch; a smaller power repeats the few images of rare classes less often."""
     counts = np.bincount(targets, minlength=num_classes).astype(np.float64)
     return counts[targets] ** -power
+
+
+PSEUDO_PREFIX = "pseudo:"
+
+
+def is_pseudo(label_source: np.ndarray) -> np.ndarray:
+    """Rows whose label is a pseudo label (`pseudo:<model version>`), not a human one."""
+    return np.char.startswith(np.asarray(label_source).astype(str), PSEUDO_PREFIX)
+
+
+def pseudo_sampling_weights(weights: np.ndarray, pseudo: np.ndarray, pseudo_weight: float) -> np.ndarray:
+    """The sampling weights with pseudo-labelled images' scaled by `pseudo_weight` (0 drops them)."""
+    if pseudo_weight < 0:
+        raise ValueError(f"pseudo_weight {pseudo_weight}: must be >= 0")
+    out = np.asarray(weights, dtype=np.float64).copy()
+    out[np.asarray(pseudo, dtype=bool)] *= pseudo_weight
+    if not (out > 0).any():
+        raise ValueError("no training image left to draw (every one is pseudo-labelled and pseudo_weight is 0)")
+    return out
 
 
 @torch.no_grad()
@@ -247,6 +270,14 @@ def run(cfg: TrainConfig, log=print) -> dict:
     summary = ds.summary(cfg.classes)
     log(f"dataset: {summary}")
     split = {s: (ds.split == s) & (targets >= 0) for s in ("train", "val", "test")}
+    # Validation (early stopping, calibration) and the test figures read human labels only,
+    # as `anatomy-node eval --labels human` and deploy/mine-retrain.sh do; pseudo labels train.
+    human = ~is_pseudo(ds.label_source)
+    for s in ("val", "test"):
+        left_out = int((split[s] & ~human).sum())
+        if left_out and (split[s] & human).any():
+            split[s] &= human
+            log(f"{s}: {left_out} pseudo-labelled images not scored (human labels only)")
     ambiguous = int((targets < 0).sum())
     log("scored images per split: " + ", ".join(f"{s}={int(m.sum())}" for s, m in split.items())
         + f" (ambiguous, not used: {ambiguous})")
@@ -302,6 +333,11 @@ def run(cfg: TrainConfig, log=print) -> dict:
         weights = torch.ones(len(train_t), dtype=torch.float64)
     else:
         raise ValueError(f"balance {cfg.balance!r}: expected sampler, loss or none")
+    pseudo_train = np.concatenate([is_pseudo(ds.label_source[split["train"]]), np.zeros(synthetic, dtype=bool)])
+    if pseudo_train.any() or cfg.pseudo_weight != 1.0:
+        weights = torch.from_numpy(pseudo_sampling_weights(weights.numpy(), pseudo_train, cfg.pseudo_weight))
+        log(f"pseudo-labelled training images: {int(pseudo_train.sum())} of {len(pseudo_train)}, "
+            f"drawn with weight {cfg.pseudo_weight:g} against a human-labelled image")
 
     n_train = len(train_t)
     steps = cfg.steps_per_epoch or max(1, math.ceil(n_train / cfg.batch_size))

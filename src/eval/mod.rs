@@ -56,6 +56,8 @@ pub struct EvalOptions {
     pub model: PathBuf,
     pub dataset: PathBuf,
     pub splits: SplitSelection,
+    /// Which labels are scored: all, or the human ones only.
+    pub labels: LabelSelection,
     /// Output folder; `<dataset>/eval-<model stem>/` when `None`.
     pub out: Option<PathBuf>,
     pub device: Device,
@@ -92,6 +94,10 @@ pub struct EvalArgs {
     /// Splits to score: all, train, val, test, or a comma list (e.g. val,test).
     #[arg(long, default_value = "test")]
     pub split: SplitSelection,
+    /// Labels to score: all, or human (rows whose label_source does not start with
+    /// `pseudo:`, i.e. not the node's own predictions mined as pseudo labels).
+    #[arg(long, value_enum, default_value_t = LabelSelection::All)]
+    pub labels: LabelSelection,
     /// Folder for metrics.json and the plots [default: <dataset>/eval-<model stem>/].
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -112,11 +118,42 @@ impl From<EvalArgs> for EvalOptions {
             model: args.model,
             dataset: args.dataset,
             splits: args.split,
+            labels: args.labels,
             out: args.out,
             device: args.device,
             threads: args.threads,
             batch: args.batch,
             progress: std::io::stdout().is_terminal(),
+        }
+    }
+}
+
+/// Which rows of the selected splits are scored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LabelSelection {
+    /// Every row (pseudo labels included).
+    #[default]
+    All,
+    /// Human labels only: a `label_source` that does not start with `pseudo:`, so a model is
+    /// never judged by its agreement with the node's own predictions.
+    Human,
+}
+
+/// How the manifest marks a pseudo label (`pseudo:<model version>`, written by `mine`).
+pub const PSEUDO_SOURCE_PREFIX: &str = "pseudo:";
+
+impl LabelSelection {
+    pub fn keeps(self, row: &Row) -> bool {
+        match self {
+            LabelSelection::All => true,
+            LabelSelection::Human => !row.label_source.starts_with(PSEUDO_SOURCE_PREFIX),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            LabelSelection::All => "",
+            LabelSelection::Human => " with a human label (--labels human)",
         }
     }
 }
@@ -142,11 +179,16 @@ pub fn evaluate(options: &EvalOptions) -> Result<Report, EvalError> {
     let model =
         Model::load(&options.model, options.device, options.threads)?.with_max_batch(options.batch);
     check_sizes(&model, &dataset)?;
-    let selected = dataset.select(&options.splits);
+    let selected: Vec<&Row> = dataset
+        .select(&options.splits)
+        .into_iter()
+        .filter(|r| options.labels.keeps(r))
+        .collect();
     if selected.is_empty() {
         return Err(EvalError::NothingToScore(format!(
-            "{}: no image in split {} of manifest.csv",
+            "{}: no image{} in split {} of manifest.csv",
             dataset.dir.display(),
+            options.labels.describe(),
             options.splits
         )));
     }
@@ -329,4 +371,30 @@ pub fn write_outputs(report: &Report, out: &Path) -> Result<Vec<PathBuf>, EvalEr
         written.push(path);
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod label_selection_tests {
+    use super::*;
+
+    #[test]
+    fn human_labels_leave_pseudo_labels_out() {
+        let row = |source: &str| Row {
+            image: "images/a.png".into(),
+            patient_key: "k".into(),
+            study_uid: "1".into(),
+            series_uid: "2".into(),
+            sop_instance_uid: "3".into(),
+            z_mm: "0".into(),
+            label: "lungs".into(),
+            label_source: source.into(),
+            split: "test".into(),
+        };
+        for source in ["mined:ris", "mined:kos+ris", "mask", "single-slice-visual"] {
+            assert!(LabelSelection::Human.keeps(&row(source)), "{source}");
+        }
+        assert!(!LabelSelection::Human.keeps(&row("pseudo:anatomy-convnet-1")));
+        assert!(LabelSelection::All.keeps(&row("pseudo:anatomy-convnet-1")));
+        assert_eq!(LabelSelection::default(), LabelSelection::All);
+    }
 }

@@ -8,7 +8,10 @@
 //!   text, through `mine.kos_labels`. Documents written by anatomy-node itself (Manufacturer
 //!   `anatomy-node`) are machine output and never read as human labels.
 //! * **Pseudo labels**: the node's own predictions in its index, where the probability of
-//!   the predicted class reaches `mine.pseudo_label_min_probability`.
+//!   the predicted class reaches `mine.pseudo_label_min_probability` and (with
+//!   `mine.pseudo_label_require_order`, the default) the image's own label equals the label
+//!   its series' decoding in head-to-foot order gave it (`key_images.smoothed_label`): a
+//!   confident prediction out of anatomical order is not taken as a label.
 //!
 //! Reconciliation ([`resolve`]): a label given for the image itself (RIS row, document)
 //! beats one given for its whole series or study; two different labels at the same level
@@ -536,16 +539,45 @@ pub struct Prediction {
     pub series_uid: String,
     pub sop_instance_uid: String,
     pub frame: u32,
+    /// The image's own label (the class with the highest probability, `key_images.label`).
     pub label: String,
+    /// The label the series' decoding in anatomical order gave the image
+    /// (`key_images.smoothed_label`).
+    pub decoded_label: String,
     pub probability: f64,
     pub model_version: String,
+}
+
+/// Whether a prediction may become a pseudo label, and why not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PseudoCheck {
+    Keep,
+    /// The probability of its label is below `mine.pseudo_label_min_probability`.
+    BelowThreshold,
+    /// Its own label is not the one its series' decoding gave it (with
+    /// `mine.pseudo_label_require_order`).
+    OutOfOrder,
+}
+
+impl Prediction {
+    /// The rule for pseudo labels: confident, and (with `require_order`) in agreement with
+    /// the series' decoded head-to-foot order.
+    pub fn pseudo_check(&self, min_probability: f64, require_order: bool) -> PseudoCheck {
+        if self.probability < min_probability {
+            PseudoCheck::BelowThreshold
+        } else if require_order && self.label != self.decoded_label {
+            PseudoCheck::OutOfOrder
+        } else {
+            PseudoCheck::Keep
+        }
+    }
 }
 
 /// The key-images of the latest label of every series of `study_uid` in the node's index.
 pub async fn predictions(index: &Index, study_uid: &str) -> Result<Vec<Prediction>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT s.series_uid, k.sop_instance_uid, k.frame, k.label, k.probabilities, \
-                COALESCE(l.model_version, '') \
+                COALESCE(l.model_version, ''), k.smoothed_label \
          FROM studies st \
          JOIN series s ON s.study_ref = st.id \
          JOIN series_labels l ON l.series_ref = s.id AND l.generation = s.label_generation \
@@ -570,6 +602,7 @@ pub async fn predictions(index: &Index, study_uid: &str) -> Result<Vec<Predictio
                 sop_instance_uid: r.get(1),
                 frame: u32::try_from(r.get::<i64, _>(2)).unwrap_or(0),
                 label,
+                decoded_label: r.get(6),
                 probability,
                 model_version: r.get(5),
             }
@@ -631,6 +664,44 @@ mod tests {
         assert_eq!(
             unlabelled["document without a mapped label (mine.kos_labels)"],
             1
+        );
+    }
+
+    #[test]
+    fn pseudo_labels_need_confidence_and_the_decoded_order() {
+        let p = |label: &str, decoded: &str, probability: f64| Prediction {
+            series_uid: "1.2".into(),
+            sop_instance_uid: "1.2.3".into(),
+            frame: 0,
+            label: label.into(),
+            decoded_label: decoded.into(),
+            probability,
+            model_version: "m1".into(),
+        };
+        assert_eq!(
+            p("liver", "liver", 0.99).pseudo_check(0.98, true),
+            PseudoCheck::Keep
+        );
+        assert_eq!(
+            p("liver", "liver", 0.98).pseudo_check(0.98, true),
+            PseudoCheck::Keep
+        );
+        assert_eq!(
+            p("liver", "liver", 0.97).pseudo_check(0.98, true),
+            PseudoCheck::BelowThreshold
+        );
+        assert_eq!(
+            p("legs", "lungs", 0.99).pseudo_check(0.98, true),
+            PseudoCheck::OutOfOrder
+        );
+        // Below the threshold counts first; without the order rule only confidence counts.
+        assert_eq!(
+            p("legs", "lungs", 0.5).pseudo_check(0.98, true),
+            PseudoCheck::BelowThreshold
+        );
+        assert_eq!(
+            p("legs", "lungs", 0.99).pseudo_check(0.98, false),
+            PseudoCheck::Keep
         );
     }
 

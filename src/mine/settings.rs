@@ -94,6 +94,9 @@ pub struct MineConfig {
     /// The node's own predictions (its index), kept apart as `pseudo:<model>` labels.
     pub pseudo_labels: bool,
     pub pseudo_label_min_probability: f64,
+    /// A prediction becomes a pseudo label only when the image's own label equals the label
+    /// its series' decoding in head-to-foot order gave it (`key_images.smoothed_label`).
+    pub pseudo_label_require_order: bool,
     /// Studies of this modality are mined (Modalities in Study).
     pub modality: String,
     /// Side of the square images (the model's input size).
@@ -133,6 +136,7 @@ impl Default for MineConfig {
             kos_labels: Vec::new(),
             pseudo_labels: false,
             pseudo_label_min_probability: 0.98,
+            pseudo_label_require_order: true,
             modality: "CT".into(),
             image_size: 192,
             field_of_view_mm: None,

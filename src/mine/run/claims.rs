@@ -14,7 +14,7 @@ use super::{MineError, Miner, LOCATE_CHUNK};
 use crate::anatomy::select::{self, Instance, KeyImage, KeyImageCount, Selection, SelectionRules};
 use crate::mine::answer::Answer;
 use crate::mine::archive::{Level, Query};
-use crate::mine::labels::{self, dataset_label, Claim, Document, RisImage, Source};
+use crate::mine::labels::{self, dataset_label, Claim, Document, PseudoCheck, RisImage, Source};
 
 const SR_CLASSES: &[&str] = &[
     uids::BASIC_TEXT_SR_STORAGE,
@@ -434,14 +434,20 @@ impl Miner {
     }
 
     pub(super) fn pseudo_claims(&self, predictions: Vec<labels::Prediction>) -> Vec<Claim> {
-        let min_p = self.config.mine.pseudo_label_min_probability;
-        let mut below = 0;
+        let mine = &self.config.mine;
+        let (mut below, mut out_of_order) = (0, 0);
         let claims = predictions
             .into_iter()
             .filter(|p| {
-                let keep = p.probability >= min_p;
-                below += usize::from(!keep);
-                keep
+                match p.pseudo_check(
+                    mine.pseudo_label_min_probability,
+                    mine.pseudo_label_require_order,
+                ) {
+                    PseudoCheck::Keep => return true,
+                    PseudoCheck::BelowThreshold => below += 1,
+                    PseudoCheck::OutOfOrder => out_of_order += 1,
+                }
+                false
             })
             .map(|p| Claim {
                 label: dataset_label(&p.label)
@@ -452,7 +458,9 @@ impl Miner {
                 source: Source::Pseudo(p.model_version),
             })
             .collect();
-        self.stats().pseudo_below_threshold += below;
+        let mut stats = self.stats();
+        stats.pseudo_below_threshold += below;
+        stats.pseudo_out_of_order += out_of_order;
         claims
     }
 }

@@ -278,10 +278,15 @@ impl Miner {
 
     /// The predictions that count as pseudo labels (the others never change the study).
     fn pseudo_fingerprint(&self, predictions: &[labels::Prediction]) -> Vec<String> {
-        let min_p = self.config.mine.pseudo_label_min_probability;
+        let mine = &self.config.mine;
         predictions
             .iter()
-            .filter(|p| p.probability >= min_p)
+            .filter(|p| {
+                p.pseudo_check(
+                    mine.pseudo_label_min_probability,
+                    mine.pseudo_label_require_order,
+                ) == labels::PseudoCheck::Keep
+            })
             .map(|p| {
                 format!(
                     "{}:{}:{}:{}",

@@ -43,6 +43,9 @@ pub struct Stats {
     pub documents: BTreeMap<String, usize>,
     pub ris: BTreeMap<String, usize>,
     pub pseudo_below_threshold: usize,
+    /// Confident predictions left out because the image's own label is not its series'
+    /// decoded (head-to-foot) label (`mine.pseudo_label_require_order`).
+    pub pseudo_out_of_order: usize,
     pub errors: Vec<String>,
     pub timing: Timing,
 }
@@ -322,6 +325,12 @@ fn print_counts(stats: &Stats) {
         println!(
             "predictions below mine.pseudo_label_min_probability: {}",
             stats.pseudo_below_threshold
+        );
+    }
+    if stats.pseudo_out_of_order > 0 {
+        println!(
+            "predictions out of their series' anatomical order (label != decoded label; mine.pseudo_label_require_order): {}",
+            stats.pseudo_out_of_order
         );
     }
 }
