@@ -143,6 +143,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// Structured logs on stderr (stdout stays free for command output). `RUST_LOG` wins
 /// over `log.level`.
 fn init_logging(config: &Config) {
+    init_subscriber(config);
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+}
+
+fn init_subscriber(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));

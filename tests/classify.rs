@@ -667,22 +667,30 @@ fn cli_writes_a_json_line_per_image_and_per_series() {
         return;
     };
     let params = params_of(&model);
+    // An old configuration (smoothing_window, replaced by decoding) still runs, and says so.
     let config = write_config(dir.path(), &model, "smoothing_window = 3");
     let out = run_cli(&config, &[Path::new("--json"), &data], &[]);
     assert!(out.status.success(), "{}", common::text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("classifier.smoothing_window is no longer used")
+            && stderr.contains("classifier.decoding"),
+        "{stderr}"
+    );
     let lines = json_lines(&out);
 
     assert!(error_of(&lines, &junk).contains("not a DICOM file"));
     let images = records(&lines, "image");
     assert_eq!(images.len(), 24 + 12);
     let mut by_series: HashMap<String, Vec<Labelled>> = HashMap::new();
+    let mut decoded: HashMap<String, Vec<String>> = HashMap::new();
     for line in &images {
         for key in [
             "sop_instance_uid",
             "series_uid",
             "file",
             "label",
-            "smoothed_label",
+            "decoded_label",
         ] {
             assert!(line[key].is_string(), "{key} in {line}");
         }
@@ -701,6 +709,10 @@ fn cli_writes_a_json_line_per_image_and_per_series() {
         assert_close(&probabilities, &want, &file.display().to_string());
         let best = coverage::argmax(&probabilities);
         assert_eq!(line["label"], CLASSES[best], "{line}");
+        decoded
+            .entry(line["series_uid"].as_str().expect("uid").to_string())
+            .or_default()
+            .push(line["decoded_label"].as_str().expect("decoded").to_string());
         by_series
             .entry(line["series_uid"].as_str().expect("uid").to_string())
             .or_default()
@@ -722,6 +734,9 @@ fn cli_writes_a_json_line_per_image_and_per_series() {
         let zs: Vec<f64> = labelled.iter().map(|l| l.z_mm).collect();
         assert!(zs.windows(2).all(|w| w[0] > w[1]), "head to foot: {zs:?}");
         let want = coverage::coverage(labelled, &classes, &CoverageRules::default());
+        assert_eq!(decoded[&uid], want.labels, "decoded labels are coverage's");
+        assert_eq!(line["decoding"], "order");
+        assert!(line.get("decoding_note").is_none(), "{line}");
         let ranges: Vec<(String, f64, f64, u64)> = line["coverage"]
             .as_array()
             .expect("coverage")
