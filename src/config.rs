@@ -537,7 +537,10 @@ mod tests {
         let path = dir.path().join("old.toml");
         std::fs::write(&path, "[classifier]\nsmoothing_window = 3\n").unwrap();
         let cfg = Config::load(Some(&path)).expect("an old file still loads");
-        assert_eq!(cfg.classifier.decoding, crate::anatomy::coverage::Decoding::Order);
+        assert_eq!(
+            cfg.classifier.decoding,
+            crate::anatomy::coverage::Decoding::Order
+        );
         let warnings = cfg.warnings();
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert!(
@@ -559,7 +562,10 @@ mod tests {
         )
         .unwrap();
         let cfg = Config::load(Some(&path)).unwrap();
-        assert_eq!(cfg.classifier.decoding, crate::anatomy::coverage::Decoding::None);
+        assert_eq!(
+            cfg.classifier.decoding,
+            crate::anatomy::coverage::Decoding::None
+        );
         assert_eq!(cfg.classifier.switch_penalty, 2.5);
         std::fs::write(&path, "[classifier]\ndecoding = \"smooth\"\n").unwrap();
         let err = Config::load(Some(&path)).unwrap_err().to_string();

@@ -1158,7 +1158,8 @@ fn a_real_pelvis_image_made_to_say_neck_is_decoded_as_pelvis() {
         .collect();
 
     let model = Model::load(&shipped, Device::Cpu, 2).expect("the shipped model");
-    let report = classify_paths(&model, &[data.join(&case)], &settings(&shipped)).expect("classify");
+    let report =
+        classify_paths(&model, &[data.join(&case)], &settings(&shipped)).expect("classify");
     let series = report
         .series
         .iter()
@@ -1180,9 +1181,16 @@ fn a_real_pelvis_image_made_to_say_neck_is_decoded_as_pelvis() {
     let pelvis_images: Vec<usize> = (0..truth.len()).filter(|&i| truth[i] == "pelvis").collect();
     let chosen = pelvis_images[pelvis_images.len() / 2];
     let classes = &report.classes;
-    let neck = classes.iter().position(|c| c == "neck").expect("neck class");
+    let neck = classes
+        .iter()
+        .position(|c| c == "neck")
+        .expect("neck class");
     for (c, p) in images[chosen].probabilities.iter_mut().enumerate() {
-        *p = if c == neck { 0.97 } else { 0.03 / (classes.len() - 1) as f32 };
+        *p = if c == neck {
+            0.97
+        } else {
+            0.03 / (classes.len() - 1) as f32
+        };
     }
 
     let raw = coverage::coverage(

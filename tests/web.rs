@@ -740,7 +740,11 @@ fn qido_searches_match_as_c_find_does() {
         ),
     );
     assert_eq!(labels.len(), 1, "{labels:?}");
-    assert_eq!(value(&labels[0], "00991020"), "neck", "the model's own label");
+    assert_eq!(
+        value(&labels[0], "00991020"),
+        "neck",
+        "the model's own label"
+    );
     assert_eq!(
         value(&labels[0], "00991022"),
         "lungs",

@@ -352,7 +352,10 @@ mod tests {
         let c = coverage(&imgs, &odd, &CoverageRules::default());
         assert_eq!(c.decoding, Decoding::None);
         let note = c.decoding_note.expect("says why");
-        assert!(note.contains("not decoded") && note.contains("\"f\""), "{note}");
+        assert!(
+            note.contains("not decoded") && note.contains("\"f\""),
+            "{note}"
+        );
         assert_eq!(c.labels[10], "a");
         assert_eq!(c.labels[9], "c");
     }

@@ -260,7 +260,11 @@ mod tests {
             let mut images = series(&CHEST_TO_LEGS, 20.0);
             // A pelvis image the model is sure shows the neck (or the liver, or the lungs).
             images[19] = image(images[19].z_mm, wrong, 0.95);
-            assert_eq!(argmaxes(&images)[19], wrong, "the model's own label is wrong");
+            assert_eq!(
+                argmaxes(&images)[19],
+                wrong,
+                "the model's own label is wrong"
+            );
             assert_eq!(decoded(&images), expand(&CHEST_TO_LEGS), "wrong = {wrong}");
         }
     }
@@ -268,7 +272,14 @@ mod tests {
     #[test]
     fn a_genuine_short_region_is_kept() {
         // Two liver images, and one neck image at the top, between long runs.
-        let spec = [(OTHER, 3), (NECK, 1), (LUNGS, 8), (LIVER, 2), (OTHER, 4), (PELVIS, 6)];
+        let spec = [
+            (OTHER, 3),
+            (NECK, 1),
+            (LUNGS, 8),
+            (LIVER, 2),
+            (OTHER, 4),
+            (PELVIS, 6),
+        ];
         let mut images = series(&spec, 25.0);
         images[3] = image(images[3].z_mm, NECK, 0.7);
         images[12] = image(images[12].z_mm, LIVER, 0.7);
@@ -327,7 +338,11 @@ mod tests {
         images[3] = mixed(images[3].z_mm, &[(NECK, 0.5), (LUNGS, 0.4)]);
         images[4] = mixed(images[4].z_mm, &[(PELVIS, 0.5), (OTHER, 0.4)]);
         let far = decoded(&images);
-        assert_eq!(far, expand(&[(NECK, 4), (PELVIS, 4)]), "500 mm hold every region");
+        assert_eq!(
+            far,
+            expand(&[(NECK, 4), (PELVIS, 4)]),
+            "500 mm hold every region"
+        );
         // The same images 5 mm apart: lungs, liver and mid-abdomen cannot all be missing.
         for (k, image) in images.iter_mut().enumerate().skip(4) {
             image.z_mm = -5.0 * k as f64;
