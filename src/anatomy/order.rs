@@ -133,8 +133,8 @@ pub fn decode(
         for to in 0..n {
             // Only head-to-foot moves; ties go to the state nearer the head, so equal
             // evidence never invents a region.
-            for prev in 0..=to {
-                let candidate = score[prev] - transition(&states, prev, to, gap, rules);
+            for (prev, &before) in score.iter().enumerate().take(to + 1) {
+                let candidate = before - transition(&states, prev, to, gap, rules);
                 if candidate > next[to] {
                     next[to] = candidate;
                     from[to] = prev;
@@ -235,7 +235,7 @@ mod tests {
 
     fn expand(spec: &[(usize, usize)]) -> Vec<usize> {
         spec.iter()
-            .flat_map(|&(c, n)| std::iter::repeat(c).take(n))
+            .flat_map(|&(c, n)| std::iter::repeat_n(c, n))
             .collect()
     }
 
