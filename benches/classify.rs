@@ -2,6 +2,8 @@
 //! anatomy-node with storescu, and the time from its completion to its stored labels is
 //! read from the index (series.completed_at → series_labels.labelled_at), with the
 //! classifier's own select/decode/infer split, at K = 32 key-images and at K = all.
+//! First, with no node: the time `anatomy::coverage` takes to decode the labels of 32 and 300
+//! images along z (`classifier.decoding = "order"`), which must stay negligible.
 //!
 //!     cargo bench --bench classify
 //!
@@ -13,10 +15,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use anatomy_node::anatomy::coverage::{self, CoverageRules, Decoding, Labelled};
 use anatomy_node::synth::{self, SeriesSpec};
 use sqlx::Row;
 
 fn main() {
+    decoding_figures();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = std::env::var_os("ANATOMY_BENCH_MODEL")
         .map(PathBuf::from)
@@ -77,6 +81,50 @@ fn main() {
     println!(
         "targets on the 2-core CPU: K=32 <= 300 ms, K=all <= 1500 ms (complete -> labels stored)"
     );
+}
+
+/// Time per series of `coverage` with the order decoder and without it (each image's argmax),
+/// on a chest-to-legs series with noisy probabilities.
+fn decoding_figures() {
+    let classes: Vec<String> = ["neck", "lungs", "liver", "pelvis", "legs", "other"]
+        .map(String::from)
+        .to_vec();
+    for images in [32usize, 300] {
+        let series: Vec<Labelled> = (0..images)
+            .map(|i| {
+                let along = i as f64 / images as f64;
+                let class = [1, 2, 5, 3, 4][((along * 5.0) as usize).min(4)];
+                let mut probabilities = vec![0.02f32; 6];
+                probabilities[class] = 0.8;
+                probabilities[(class + i) % 6] += 0.1; // noise that disagrees now and then
+                Labelled {
+                    z_mm: -1500.0 * along,
+                    probabilities,
+                }
+            })
+            .collect();
+        let mut figures = Vec::new();
+        for decoding in [Decoding::Order, Decoding::None] {
+            let rules = CoverageRules {
+                decoding,
+                ..CoverageRules::default()
+            };
+            let runs = 20_000 / images;
+            let started = Instant::now();
+            for _ in 0..runs {
+                std::hint::black_box(coverage::coverage(
+                    std::hint::black_box(&series),
+                    &classes,
+                    &rules,
+                ));
+            }
+            figures.push(started.elapsed().as_secs_f64() * 1e6 / runs as f64);
+        }
+        println!(
+            "coverage of {images} images: {:.1} µs decoded along z, {:.1} µs per-image argmax",
+            figures[0], figures[1]
+        );
+    }
 }
 
 struct NodeProcess {

@@ -55,12 +55,12 @@ pub struct Unusable {
 }
 
 /// A labelled image with its own label (the model's most probable class) and the label
-/// after smoothing along z (what the series' ranges are made of).
+/// decoded along z in the body's order (what the series' ranges are made of).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageReport {
     pub image: LabelledImage,
     pub label: String,
-    pub smoothed_label: String,
+    pub decoded_label: String,
 }
 
 /// One series: its labelled images head to foot and their coverage, or why none was
@@ -179,11 +179,7 @@ pub fn classify_paths(
     let labelling = label_images(model, &all, &options)?;
     unusable.extend(undecodable(&plans, &labelling.failed));
     let classes = model.info().classes.clone();
-    let coverage_rules = CoverageRules {
-        smoothing_window: settings.smoothing_window,
-        min_region_fraction: settings.min_region_fraction,
-        min_region_images: settings.min_region_images,
-    };
+    let coverage_rules = crate::anatomy::worker::coverage_rules(settings);
     let series = series_reports(&plans, labelling.labelled, &classes, &coverage_rules);
     Ok(Report {
         classes,
@@ -529,12 +525,12 @@ fn series_report(
     let images = images
         .into_iter()
         .zip(&cover.labels)
-        .map(|(image, smoothed)| ImageReport {
+        .map(|(image, decoded)| ImageReport {
             label: classes
                 .get(argmax(&image.probabilities))
                 .cloned()
                 .unwrap_or_default(),
-            smoothed_label: smoothed.clone(),
+            decoded_label: decoded.clone(),
             image,
         })
         .collect();
@@ -574,7 +570,7 @@ struct ImageLine<'a> {
     frame: u32,
     z_mm: f64,
     label: &'a str,
-    smoothed_label: &'a str,
+    decoded_label: &'a str,
     probabilities: ClassProbabilities<'a>,
 }
 
@@ -585,6 +581,10 @@ struct SeriesLine<'a> {
     images: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     coverage: Option<&'a [Range]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    decoding: Option<coverage::Decoding>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    decoding_note: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     dominant_class: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -652,7 +652,7 @@ fn image_line<'a>(series_uid: &'a str, i: &'a ImageReport, classes: &'a [String]
         frame: i.image.frame,
         z_mm: i.image.z_mm,
         label: &i.label,
-        smoothed_label: &i.smoothed_label,
+        decoded_label: &i.decoded_label,
         probabilities: ClassProbabilities {
             classes,
             values: &i.image.probabilities,
@@ -667,6 +667,8 @@ fn series_line(series: &SeriesReport) -> SeriesLine<'_> {
         series_uid: &series.series_uid,
         images: series.images.len(),
         coverage: cover.map(|c| c.ranges.as_slice()),
+        decoding: cover.map(|c| c.decoding),
+        decoding_note: cover.and_then(|c| c.decoding_note.as_deref()),
         dominant_class: cover.and_then(|c| c.dominant_class.as_deref()),
         body_part_examined: cover.map(|c| c.body_part_examined.map(|r| r.body_part)),
         anatomic_regions: cover.map(|c| c.regions.as_slice()),
@@ -704,7 +706,14 @@ fn write_tables(out: &mut impl Write, report: &Report, model: &Model) -> io::Res
             continue;
         };
         let n = count(series.images.len(), "image");
-        writeln!(out, "  {n} labelled, head to foot")?;
+        let how = match cover.decoding {
+            coverage::Decoding::Order => "labels decoded in the body's order along z",
+            coverage::Decoding::None => "each image's own label",
+        };
+        writeln!(out, "  {n} labelled, head to foot ({how})")?;
+        if let Some(note) = &cover.decoding_note {
+            writeln!(out, "  {note}")?;
+        }
         writeln!(
             out,
             "  {:>11}  {:>11}  {:>6}  class",

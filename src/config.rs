@@ -99,7 +99,16 @@ pub struct ClassifierConfig {
     pub max_batch: usize,
     pub key_images: KeyImages,
     pub axial_tolerance_deg: f64,
-    pub smoothing_window: usize,
+    /// `order` (labels decoded along z in the body's order) or `none` (each image's argmax).
+    pub decoding: crate::anatomy::coverage::Decoding,
+    /// Cost (nats) of each change of region along z when decoding.
+    pub switch_penalty: f64,
+    /// Cost (nats) of passing over a whole region between two images at the same z.
+    pub skip_penalty: f64,
+    /// Removed (the moving average gave way to `decoding`): accepted so an old file still
+    /// loads, and reported by [`Config::warnings`].
+    #[serde(rename = "smoothing_window")]
+    pub removed_smoothing_window: Option<serde::de::IgnoredAny>,
     pub min_region_fraction: f64,
     pub min_region_images: usize,
     pub workers: usize,
@@ -118,7 +127,10 @@ impl Default for ClassifierConfig {
             max_batch: 64,
             key_images: KeyImages::Count(32),
             axial_tolerance_deg: 35.0,
-            smoothing_window: 3,
+            decoding: crate::anatomy::coverage::Decoding::Order,
+            switch_penalty: crate::anatomy::order::OrderRules::default().switch_penalty,
+            skip_penalty: crate::anatomy::order::OrderRules::default().skip_penalty,
+            removed_smoothing_window: None,
             min_region_fraction: 0.1,
             min_region_images: 2,
             workers: 1,
@@ -458,9 +470,10 @@ impl Config {
                 "classifier.axial_tolerance_deg must be between 0 and 90".into(),
             ));
         }
-        if c.smoothing_window == 0 || c.smoothing_window % 2 == 0 {
+        let finite_non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !finite_non_negative(c.switch_penalty) || !finite_non_negative(c.skip_penalty) {
             return Err(ConfigError::Invalid(
-                "classifier.smoothing_window must be odd (1 = no smoothing)".into(),
+                "classifier.switch_penalty and skip_penalty must be finite and at least 0".into(),
             ));
         }
         if !(0.0..=1.0).contains(&c.min_region_fraction) {
@@ -513,6 +526,22 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    /// Keys that are accepted but no longer do anything, each with what replaced it; the
+    /// commands log them once logging is set up.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.classifier.removed_smoothing_window.is_some() {
+            out.push(
+                "classifier.smoothing_window is no longer used and is ignored: labels are now \
+                 decoded along z in the body's order (classifier.decoding = \"order\", with \
+                 classifier.switch_penalty and classifier.skip_penalty; \"none\" for each \
+                 image's own label); remove smoothing_window from the configuration"
+                    .to_string(),
+            );
+        }
+        out
     }
 
     /// The database URL, defaulting to an SQLite file inside the storage directory.
@@ -573,6 +602,50 @@ mod tests {
         assert_eq!(h.jwt.roles_claim, defaults.jwt.roles_claim);
         assert_eq!(h.jwt.leeway_secs, defaults.jwt.leeway_secs);
         assert!(!cfg.log.phi);
+    }
+
+    #[test]
+    fn an_old_smoothing_window_is_accepted_with_a_warning_naming_its_replacement() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.toml");
+        std::fs::write(&path, "[classifier]\nsmoothing_window = 3\n").unwrap();
+        let cfg = Config::load(Some(&path)).expect("an old file still loads");
+        assert_eq!(
+            cfg.classifier.decoding,
+            crate::anatomy::coverage::Decoding::Order
+        );
+        let warnings = cfg.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("classifier.smoothing_window")
+                && warnings[0].contains("classifier.decoding"),
+            "{}",
+            warnings[0]
+        );
+        assert!(Config::load(None).unwrap().warnings().is_empty());
+    }
+
+    #[test]
+    fn decoding_settings_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[classifier]\ndecoding = \"none\"\nswitch_penalty = 2.5\nskip_penalty = 0\n",
+        )
+        .unwrap();
+        let cfg = Config::load(Some(&path)).unwrap();
+        assert_eq!(
+            cfg.classifier.decoding,
+            crate::anatomy::coverage::Decoding::None
+        );
+        assert_eq!(cfg.classifier.switch_penalty, 2.5);
+        std::fs::write(&path, "[classifier]\ndecoding = \"smooth\"\n").unwrap();
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("smooth"), "{err}");
+        std::fs::write(&path, "[classifier]\nskip_penalty = -1\n").unwrap();
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("skip_penalty"), "{err}");
     }
 
     #[test]

@@ -197,6 +197,13 @@ fn print_token(name: &str, roles: &[String]) -> anyhow::Result<()> {
 /// lines while a session is created) stay at warnings unless the filter names `ort`.
 fn init_logging(config: &Config) {
     anatomy_node::phi::set_allowed(config.log.phi);
+    init_subscriber(config);
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+}
+
+fn init_subscriber(config: &Config) {
     let names_ort = config.log.level.split(',').any(|d| {
         d.trim() == "ort" || d.trim().starts_with("ort=") || d.trim().starts_with("ort::")
     });

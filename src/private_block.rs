@@ -85,7 +85,7 @@ pub const REGION_CODES: Element = element(0x19, VR::LO, "1-n", "RegionCodes");
 pub const KEY_IMAGE_LABEL: Element = element(0x20, VR::LO, "1-n", "KeyImageLabel");
 /// Its probability.
 pub const KEY_IMAGE_PROBABILITY: Element = element(0x21, VR::DS, "1-n", "KeyImageProbability");
-/// The label after smoothing along z.
+/// The label decoded along z in the body's order (the keyword keeps its older name).
 pub const KEY_IMAGE_SMOOTHED_LABEL: Element = element(0x22, VR::LO, "1-n", "KeyImageSmoothedLabel");
 /// Frame number (1-based) of each key frame.
 pub const KEY_IMAGE_FRAME: Element = element(0x23, VR::IS, "1-n", "KeyImageFrameNumber");

@@ -8,6 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use anatomy_node::anatomy::coverage::{self, CoverageRules, Decoding, Labelled};
 use common::data;
 use common::db::IndexReader;
 use common::node::{Node, NodeOptions};
@@ -109,6 +110,32 @@ fn a_series_sent_with_storescu_is_labelled_in_the_index() {
             .0;
         assert_eq!(&k[2], best, "label is the most probable class");
     }
+    // smoothed_label holds the labels decoded along z, exactly as anatomy::coverage decodes
+    // the stored probabilities (the model's classes are the ones the decoder knows).
+    let stored = index.rows(
+        "SELECT CAST(z_mm AS TEXT), probabilities, smoothed_label FROM key_images ORDER BY z_mm DESC",
+    );
+    let classes: Vec<String> = ["neck", "lungs", "liver", "pelvis", "legs", "other"]
+        .map(String::from)
+        .to_vec();
+    let along_z: Vec<Labelled> = stored
+        .iter()
+        .map(|k| {
+            let p: serde_json::Value = serde_json::from_str(&k[1]).expect("probabilities");
+            Labelled {
+                z_mm: k[0].parse().expect("z"),
+                probabilities: classes
+                    .iter()
+                    .map(|c| p[c].as_f64().expect("p") as f32)
+                    .collect(),
+            }
+        })
+        .collect();
+    let decoded = coverage::coverage(&along_z, &classes, &CoverageRules::default());
+    assert_eq!(decoded.decoding, Decoding::Order);
+    let stored_decoded: Vec<String> = stored.iter().map(|k| k[2].clone()).collect();
+    assert_eq!(stored_decoded, decoded.labels);
+    assert!(r[9].is_empty(), "no note: {:?}", r[9]);
     let series =
         index.rows("SELECT label_status, predicted_body_part, predicted_class FROM series");
     assert_eq!(series[0][0], "labelled");

@@ -667,22 +667,30 @@ fn cli_writes_a_json_line_per_image_and_per_series() {
         return;
     };
     let params = params_of(&model);
+    // An old configuration (smoothing_window, replaced by decoding) still runs, and says so.
     let config = write_config(dir.path(), &model, "smoothing_window = 3");
     let out = run_cli(&config, &[Path::new("--json"), &data], &[]);
     assert!(out.status.success(), "{}", common::text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("classifier.smoothing_window is no longer used")
+            && stderr.contains("classifier.decoding"),
+        "{stderr}"
+    );
     let lines = json_lines(&out);
 
     assert!(error_of(&lines, &junk).contains("not a DICOM file"));
     let images = records(&lines, "image");
     assert_eq!(images.len(), 24 + 12);
     let mut by_series: HashMap<String, Vec<Labelled>> = HashMap::new();
+    let mut decoded: HashMap<String, Vec<String>> = HashMap::new();
     for line in &images {
         for key in [
             "sop_instance_uid",
             "series_uid",
             "file",
             "label",
-            "smoothed_label",
+            "decoded_label",
         ] {
             assert!(line[key].is_string(), "{key} in {line}");
         }
@@ -701,6 +709,10 @@ fn cli_writes_a_json_line_per_image_and_per_series() {
         assert_close(&probabilities, &want, &file.display().to_string());
         let best = coverage::argmax(&probabilities);
         assert_eq!(line["label"], CLASSES[best], "{line}");
+        decoded
+            .entry(line["series_uid"].as_str().expect("uid").to_string())
+            .or_default()
+            .push(line["decoded_label"].as_str().expect("decoded").to_string());
         by_series
             .entry(line["series_uid"].as_str().expect("uid").to_string())
             .or_default()
@@ -722,6 +734,9 @@ fn cli_writes_a_json_line_per_image_and_per_series() {
         let zs: Vec<f64> = labelled.iter().map(|l| l.z_mm).collect();
         assert!(zs.windows(2).all(|w| w[0] > w[1]), "head to foot: {zs:?}");
         let want = coverage::coverage(labelled, &classes, &CoverageRules::default());
+        assert_eq!(decoded[&uid], want.labels, "decoded labels are coverage's");
+        assert_eq!(line["decoding"], "order");
+        assert!(line.get("decoding_note").is_none(), "{line}");
         let ranges: Vec<(String, f64, f64, u64)> = line["coverage"]
             .as_array()
             .expect("coverage")
@@ -1107,4 +1122,100 @@ fn a_missing_onnx_runtime_library_is_a_clear_error() {
         text.contains(from_env) && text.contains("no such file"),
         "{text}"
     );
+}
+
+/// Issue #16: a real series of ../shared/data/ct with pelvis key-images, labelled by the
+/// shipped model; one pelvis image's probabilities are made to say *neck* (what models do on
+/// scanners they never saw), and the decoding along the series' real z positions must give
+/// it back its region, while that image's own label stays *neck*.
+#[test]
+fn a_real_pelvis_image_made_to_say_neck_is_decoded_as_pelvis() {
+    let Some(data) = common::data::ct_data() else {
+        eprintln!("NOTE: no real CT data: the decoder's unit tests (anatomy::order) still run");
+        return;
+    };
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/anatomy.onnx");
+    if !shipped.is_file() {
+        eprintln!("NOTE: no shipped model ({}): skipped", shipped.display());
+        return;
+    }
+    // The series with the most pelvis images (ties: the first case by name).
+    let rows = common::data::labels(&data);
+    let mut pelvis: HashMap<(String, String), usize> = HashMap::new();
+    for r in rows.iter().filter(|r| r.label == "pelvis") {
+        *pelvis
+            .entry((r.case_id.clone(), r.series_uid.clone()))
+            .or_default() += 1;
+    }
+    let ((case, series_uid), count) = pelvis
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(&a.0)))
+        .expect("labels.csv has pelvis images");
+    assert!(count >= 4, "{case}: {count} pelvis images");
+    let label_of: HashMap<&str, &str> = rows
+        .iter()
+        .map(|r| (r.sop_uid.as_str(), r.label.as_str()))
+        .collect();
+
+    let model = Model::load(&shipped, Device::Cpu, 2).expect("the shipped model");
+    let report =
+        classify_paths(&model, &[data.join(&case)], &settings(&shipped)).expect("classify");
+    let series = report
+        .series
+        .iter()
+        .find(|s| s.series_uid == series_uid)
+        .expect("the series is labelled");
+    let mut images: Vec<Labelled> = series
+        .images
+        .iter()
+        .map(|i| Labelled {
+            z_mm: i.image.z_mm,
+            probabilities: i.image.probabilities.clone(),
+        })
+        .collect();
+    let truth: Vec<&str> = series
+        .images
+        .iter()
+        .map(|i| label_of[i.image.sop_instance_uid.as_str()])
+        .collect();
+    let pelvis_images: Vec<usize> = (0..truth.len()).filter(|&i| truth[i] == "pelvis").collect();
+    let chosen = pelvis_images[pelvis_images.len() / 2];
+    let classes = &report.classes;
+    let neck = classes
+        .iter()
+        .position(|c| c == "neck")
+        .expect("neck class");
+    for (c, p) in images[chosen].probabilities.iter_mut().enumerate() {
+        *p = if c == neck {
+            0.97
+        } else {
+            0.03 / (classes.len() - 1) as f32
+        };
+    }
+
+    let raw = coverage::coverage(
+        &images,
+        classes,
+        &CoverageRules {
+            decoding: coverage::Decoding::None,
+            ..CoverageRules::default()
+        },
+    );
+    assert_eq!(raw.labels[chosen], "neck", "the image's own label");
+    let decoded = coverage::coverage(&images, classes, &CoverageRules::default());
+    eprintln!(
+        "{case}: labelled {truth:?}\n  own {:?}\n  decoded {:?}",
+        raw.labels, decoded.labels
+    );
+    assert_eq!(decoded.decoding, coverage::Decoding::Order);
+    assert_eq!(
+        decoded.labels[chosen], "pelvis",
+        "{case} z = {} mm: decoded {:?}, labelled {truth:?}",
+        images[chosen].z_mm, decoded.labels
+    );
+    // The same with the images listed foot to head (feet-first order).
+    let reversed: Vec<Labelled> = images.iter().rev().cloned().collect();
+    let mut again = coverage::coverage(&reversed, classes, &CoverageRules::default()).labels;
+    again.reverse();
+    assert_eq!(again, decoded.labels);
 }

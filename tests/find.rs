@@ -247,6 +247,17 @@ fn write_fixture_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// Key-images whose label decoded along z differs from the model's own (series key, slice,
+/// decoded label): the index keeps both, and C-FIND answers both.
+const DECODED: &[(&str, u32, &str)] = &[("A1", 2, "lungs")];
+
+fn decoded_label(series: &str, slice: u32) -> Option<&'static str> {
+    DECODED
+        .iter()
+        .find(|(s, i, _)| *s == series && *i == slice)
+        .map(|(_, _, l)| *l)
+}
+
 /// The result the classifier would store for `def`.
 fn record_for(def: &SeriesDef) -> LabelRecord {
     let Some(label) = &def.label else {
@@ -279,7 +290,7 @@ fn record_for(def: &SeriesDef) -> LabelRecord {
             frame: 0,
             z_mm: -2.5 * f64::from(*slice),
             label: label.to_string(),
-            smoothed_label: label.to_string(),
+            smoothed_label: decoded_label(def.key, *slice).unwrap_or(label).to_string(),
             probabilities: serde_json::json!({ *label: p, "other": 1.0 - p }).to_string(),
         })
         .collect();
@@ -832,6 +843,11 @@ fn image_level_lists_key_images_with_their_labels() {
     let third = by_sop[&sop_uid("A1", 2)];
     assert_eq!(text_of(third, Tag(0x0099, 0x1020)), "liver");
     assert_eq!(text_of(third, Tag(0x0099, 0x1021)), "0.62");
+    assert_eq!(
+        text_of(third, Tag(0x0099, 0x1022)),
+        "lungs",
+        "decoded along z: not the model's own label (0099,1020)"
+    );
     let second = by_sop[&sop_uid("A1", 1)];
     assert_eq!(text_of(second, Tag(0x0099, 0x1020)), "", "not a key-image");
 
@@ -881,6 +897,22 @@ fn image_level_lists_key_images_with_their_labels() {
     );
     assert!(log.contains("Final Find Response (Success)"), "{log}");
     assert_eq!(implicit.len(), 1);
+    // Matching on the decoded label (0099,1022) finds the image the model called liver.
+    let decoded_lungs = findscu(
+        n,
+        "-S",
+        &[
+            "QueryRetrieveLevel=IMAGE",
+            &series,
+            "SOPInstanceUID",
+            CREATOR,
+            "0099,1022=lungs",
+        ],
+    );
+    assert_eq!(
+        set_of(&decoded_lungs, tags::SOP_INSTANCE_UID),
+        [sop_uid("A1", 0), sop_uid("A1", 2)].into_iter().collect()
+    );
 }
 
 // ---------------------------------------------------------------------------------------

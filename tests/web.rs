@@ -428,13 +428,22 @@ fn record_for(def: &SeriesDef) -> LabelRecord {
     record.model_version = Some(MODEL_VERSION.into());
     record.classes = Some(r#"["neck","lungs","liver","pelvis","legs","other"]"#.into());
     record.key_images = (0..SLICES)
-        .map(|slice| KeyImageRow {
-            sop_instance_uid: sop_uid(def.key, slice),
-            frame: 0,
-            z_mm: -2.5 * f64::from(slice),
-            label: class.into(),
-            smoothed_label: class.into(),
-            probabilities: serde_json::json!({ class: 0.9, "other": 0.1 }).to_string(),
+        .map(|slice| {
+            // One image of A1 the model called neck, decoded along z as the series' class.
+            let odd = def.key == "A1" && slice == 1;
+            KeyImageRow {
+                sop_instance_uid: sop_uid(def.key, slice),
+                frame: 0,
+                z_mm: -2.5 * f64::from(slice),
+                label: if odd { "neck".into() } else { class.into() },
+                smoothed_label: class.into(),
+                probabilities: if odd {
+                    serde_json::json!({ "neck": 0.6, class: 0.3, "other": 0.1 })
+                } else {
+                    serde_json::json!({ class: 0.9, "other": 0.1 })
+                }
+                .to_string(),
+            }
         })
         .collect();
     record
@@ -719,6 +728,28 @@ fn qido_searches_match_as_c_find_does() {
         .find(|i| value(i, SOP_UID) == sop_uid("A1", 0))
         .expect("first instance");
     assert_eq!(i0["00280010"]["Value"][0], 16, "Rows (US) as a number");
+    // Both labels of a key-image: the model's own (0099,1020) and decoded along z (0099,1022).
+    let labels = qido(
+        node,
+        &format!(
+            "/dicom-web/studies/{}/series/{}/instances?SOPInstanceUID={}\
+             &includefield=00990010&includefield=00991020&includefield=00991022",
+            study_uid("A"),
+            series_uid("A1"),
+            sop_uid("A1", 1)
+        ),
+    );
+    assert_eq!(labels.len(), 1, "{labels:?}");
+    assert_eq!(
+        value(&labels[0], "00991020"),
+        "neck",
+        "the model's own label"
+    );
+    assert_eq!(
+        value(&labels[0], "00991022"),
+        "lungs",
+        "decoded along z: the series' class"
+    );
     assert_eq!(value(i0, "00080016"), "1.2.840.10008.5.1.4.1.1.2");
     assert!(value(i0, "00081190").ends_with(&format!("/instances/{}", sop_uid("A1", 0))));
     let one = qido(

@@ -1,10 +1,12 @@
-//! From per-image class probabilities along z to what a series covers: smoothed labels,
-//! contiguous z-ranges per class, the dominant class, and the DICOM terms for the whole
+//! From per-image class probabilities along z to what a series covers: labels decoded
+//! along z in the body's order ([`super::order`]), contiguous z-ranges per class, the dominant class, and the DICOM terms for the whole
 //! series — Body Part Examined (0018,0015) and the Anatomic Region Sequence (0008,2218)
 //! codes of CID 4031 — from PS3.16 Annex L (Table L-1, the correspondence of Body Part
 //! Examined defined terms and SNOMED CT codes).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use super::order::{self, OrderRules};
 
 /// One anatomic region of PS3.16 CID 4031, with its Body Part Examined defined term.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -93,7 +95,7 @@ pub struct Labelled {
     pub probabilities: Vec<f32>,
 }
 
-/// A contiguous run of key-images (in z order) with one smoothed label.
+/// A contiguous run of key-images (in z order) with one decoded label.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Range {
     pub class: String,
@@ -105,8 +107,13 @@ pub struct Range {
 /// What a series shows.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Coverage {
-    /// Smoothed label of each image, in the order given.
+    /// Decoded label of each image, in the order given.
     pub labels: Vec<String>,
+    /// How `labels` were read: `order` (decoded along z) or `none` (each image's argmax).
+    pub decoding: Decoding,
+    /// Why the labels are not decoded although `order` was asked for (the model's classes
+    /// are not the ones the decoder knows).
+    pub decoding_note: Option<String>,
     pub ranges: Vec<Range>,
     pub dominant_class: Option<String>,
     pub body_part_examined: Option<Region>,
@@ -114,11 +121,23 @@ pub struct Coverage {
     pub regions: Vec<Region>,
 }
 
+/// How per-image probabilities become labels (`classifier.decoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decoding {
+    /// The most probable labelling in the body's head-to-foot order ([`order`]).
+    #[default]
+    Order,
+    /// Each image's most probable class, alone.
+    None,
+}
+
 /// Settings for turning labels into coverage.
 #[derive(Debug, Clone, Copy)]
 pub struct CoverageRules {
-    /// Images averaged along z (odd; 1 = no smoothing).
-    pub smoothing_window: usize,
+    pub decoding: Decoding,
+    /// Costs of the order decoder.
+    pub order: OrderRules,
     /// A region counts when its class labels at least this fraction of the images...
     pub min_region_fraction: f64,
     /// ...and at least this many of them.
@@ -128,19 +147,32 @@ pub struct CoverageRules {
 impl Default for CoverageRules {
     fn default() -> Self {
         Self {
-            smoothing_window: 3,
+            decoding: Decoding::Order,
+            order: OrderRules::default(),
             min_region_fraction: 0.1,
             min_region_images: 2,
         }
     }
 }
 
-/// Coverage of images sorted along z (either direction).
+/// Coverage of images sorted along z (either direction: the decoder sorts for itself, the
+/// ranges follow the order given).
 pub fn coverage(images: &[Labelled], classes: &[String], rules: &CoverageRules) -> Coverage {
-    let smoothed = smooth(images, rules.smoothing_window.max(1));
-    let labels: Vec<String> = smoothed
+    let argmaxes = || images.iter().map(|i| argmax(&i.probabilities)).collect();
+    let (decoding, decoding_note, indices): (_, _, Vec<usize>) = match rules.decoding {
+        Decoding::None => (Decoding::None, None, argmaxes()),
+        Decoding::Order => match order::decode(images, classes, &rules.order) {
+            Ok(indices) => (Decoding::Order, None, indices),
+            Err(why) => (
+                Decoding::None,
+                Some(format!("labels not decoded along z: {}", why.0)),
+                argmaxes(),
+            ),
+        },
+    };
+    let labels: Vec<String> = indices
         .iter()
-        .map(|p| classes.get(argmax(p)).cloned().unwrap_or_default())
+        .map(|&i| classes.get(i).cloned().unwrap_or_default())
         .collect();
     let ranges = runs(images, &labels);
     let dominant_class = dominant(&labels);
@@ -151,30 +183,13 @@ pub fn coverage(images: &[Labelled], classes: &[String], rules: &CoverageRules) 
     };
     Coverage {
         labels,
+        decoding,
+        decoding_note,
         ranges,
         dominant_class,
         body_part_examined,
         regions: present.into_iter().map(|(_, r)| r).collect(),
     }
-}
-
-/// Moving average of the probabilities over `window` neighbours along z.
-fn smooth(images: &[Labelled], window: usize) -> Vec<Vec<f32>> {
-    let half = window / 2;
-    (0..images.len())
-        .map(|i| {
-            let lo = i.saturating_sub(half);
-            let hi = (i + half).min(images.len().saturating_sub(1));
-            let mut sum = vec![0f32; images[i].probabilities.len()];
-            for img in &images[lo..=hi] {
-                for (s, p) in sum.iter_mut().zip(&img.probabilities) {
-                    *s += p;
-                }
-            }
-            let n = (hi - lo + 1) as f32;
-            sum.iter().map(|s| s / n).collect()
-        })
-        .collect()
 }
 
 pub fn argmax(p: &[f32]) -> usize {
@@ -299,7 +314,7 @@ mod tests {
     }
 
     #[test]
-    fn a_single_stray_image_is_smoothed_away_and_a_small_region_does_not_count() {
+    fn a_single_stray_image_is_decoded_away_and_a_small_region_does_not_count() {
         let mut imgs = series(&[(1, 30), (2, 2)]);
         imgs[10] = one_hot(4, imgs[10].z_mm); // one "legs" in the middle of the chest
         let c = coverage(&imgs, &classes(), &CoverageRules::default());
@@ -309,6 +324,40 @@ mod tests {
             Some(CHEST),
             "2 of 32 liver images stay below 10 %"
         );
+    }
+
+    #[test]
+    fn a_neck_below_the_liver_is_decoded_unless_decoding_is_off() {
+        let mut imgs = series(&[(1, 8), (2, 5), (5, 3), (3, 8)]);
+        imgs[20] = one_hot(0, imgs[20].z_mm); // a pelvis image the model calls neck
+        let c = coverage(&imgs, &classes(), &CoverageRules::default());
+        assert_eq!(c.decoding, Decoding::Order);
+        assert_eq!(c.labels[20], "pelvis");
+        assert!(c.labels[..8].iter().all(|l| l == "lungs"), "{:?}", c.labels);
+        let rules = CoverageRules {
+            decoding: Decoding::None,
+            ..CoverageRules::default()
+        };
+        let raw = coverage(&imgs, &classes(), &rules);
+        assert_eq!(raw.decoding, Decoding::None);
+        assert_eq!(raw.decoding_note, None);
+        assert_eq!(raw.labels[20], "neck");
+    }
+
+    #[test]
+    fn classes_the_decoder_does_not_know_fall_back_to_each_images_argmax() {
+        let odd: Vec<String> = ["a", "b", "c", "d", "e", "f"].map(String::from).to_vec();
+        let mut imgs = series(&[(1, 8), (2, 5)]);
+        imgs[10] = one_hot(0, imgs[10].z_mm);
+        let c = coverage(&imgs, &odd, &CoverageRules::default());
+        assert_eq!(c.decoding, Decoding::None);
+        let note = c.decoding_note.expect("says why");
+        assert!(
+            note.contains("not decoded") && note.contains("\"f\""),
+            "{note}"
+        );
+        assert_eq!(c.labels[10], "a");
+        assert_eq!(c.labels[9], "c");
     }
 
     #[test]

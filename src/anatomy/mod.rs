@@ -10,6 +10,7 @@
 pub mod classify;
 pub mod coverage;
 pub mod model;
+pub mod order;
 
 pub mod pixels;
 pub mod select;

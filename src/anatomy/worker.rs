@@ -206,7 +206,11 @@ pub fn selection_rules(config: &ClassifierConfig) -> SelectionRules {
 
 pub fn coverage_rules(config: &ClassifierConfig) -> CoverageRules {
     CoverageRules {
-        smoothing_window: config.smoothing_window,
+        decoding: config.decoding,
+        order: crate::anatomy::order::OrderRules {
+            switch_penalty: config.switch_penalty,
+            skip_penalty: config.skip_penalty,
+        },
         min_region_fraction: config.min_region_fraction,
         min_region_images: config.min_region_images,
     }
@@ -273,6 +277,7 @@ fn classify_series(c: &Classifier, images: &[IndexedImage]) -> Result<LabelRecor
         &classes,
         &coverage_rules(&c.config),
     );
+    notes.extend(cov.decoding_note.clone());
     Ok(record(
         c,
         &labelling.labelled,
@@ -311,7 +316,7 @@ fn record(
     let key_images = images
         .iter()
         .zip(&cov.labels)
-        .map(|(img, smoothed)| KeyImageRow {
+        .map(|(img, decoded)| KeyImageRow {
             sop_instance_uid: img.sop_instance_uid.clone(),
             frame: i64::from(img.frame),
             z_mm: img.z_mm,
@@ -320,7 +325,8 @@ fn record(
                 .get(coverage::argmax(&img.probabilities))
                 .cloned()
                 .unwrap_or_default(),
-            smoothed_label: smoothed.clone(),
+            // The column keeps its name: it holds the label decoded along z.
+            smoothed_label: decoded.clone(),
             probabilities: probabilities_json(&info.classes, &img.probabilities),
         })
         .collect();

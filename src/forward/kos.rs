@@ -280,7 +280,7 @@ fn description(labels: &Labels) -> String {
             String::new()
         };
         text.push_str(&format!(
-            "\r\n{}{frame}: {} (p = {p:.3}, smoothed {}), z = {:.1} mm",
+            "\r\n{}{frame}: {} (p = {p:.3}, decoded along z {}), z = {:.1} mm",
             k.sop_instance_uid, k.label, k.smoothed_label, k.z_mm
         ));
     }

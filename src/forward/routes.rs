@@ -40,7 +40,7 @@ pub struct RouteConfig {
     #[serde(default)]
     pub classes: Vec<String>,
     /// The least confidence of a class in `classes`: the mean probability of the class over
-    /// the key-images it labels (after smoothing). Needs `classes`.
+    /// the key-images it labels (decoded along z). Needs `classes`.
     #[serde(default)]
     pub min_probability: Option<f64>,
     /// Any of these Body Part Examined terms: the series' term or one of its regions'.

@@ -77,7 +77,7 @@ pub struct Labels {
     /// Mean over the key-images, per class.
     pub series_probabilities: Vec<f64>,
     /// Classes of the coverage and their confidence: the mean probability of the class over
-    /// the key-images whose smoothed label it is.
+    /// the key-images whose decoded label (`smoothed_label`, decoded along z) it is.
     pub class_confidence: Vec<(String, f64)>,
     pub dominant_class: Option<String>,
     pub model_version: Option<String>,

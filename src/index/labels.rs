@@ -56,7 +56,10 @@ pub struct KeyImageRow {
     pub sop_instance_uid: String,
     pub frame: i64,
     pub z_mm: f64,
+    /// The model's most probable class for this image alone.
     pub label: String,
+    /// The label decoded along z in the body's order (`anatomy::order`), what the series'
+    /// coverage is read from; the column keeps its older name (it held a moving average).
     pub smoothed_label: String,
     /// JSON object {class: probability}.
     pub probabilities: String,

@@ -34,7 +34,7 @@ pub struct Select {
     /// Per requested key (in `Query::keys` order): its column, if it is read from the row.
     slots: Vec<Option<usize>>,
     /// IMAGE level with key-image keys: the first of the columns `i.id, k.frame, k.label,
-    /// k.smoothed_label, k.probabilities`; rows of one instance come together.
+    /// k.smoothed_label (decoded along z), k.probabilities`; rows of one instance come together.
     key_images: Option<usize>,
 }
 
