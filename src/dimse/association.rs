@@ -64,7 +64,11 @@ pub async fn serve(
             ))
             .ae_title(dicom.ae_title.clone())
             .max_pdu_length(dicom.max_pdu_length)
-            .strict(false)
+            // Strict: a PDU (the A-ASSOCIATE-RQ included) that declares more than
+            // dicom.max_pdu_length is refused from its 6-byte header. Not strict, dicom-ul
+            // buffers whatever the peer sends until the declared length (up to 4 GiB) has
+            // arrived (issue #18); the refusal is answered with an A-ABORT (`receive_error`).
+            .strict(true)
             .write_timeout(Duration::from_secs(dicom.idle_timeout_secs))
             .with_abstract_syntax(sop_classes::VERIFICATION);
         for uid in sop_classes::STORAGE_SOP_CLASSES {
@@ -184,6 +188,27 @@ async fn finish(association: AsyncServerAssociation<TcpStream>, ending: Ending) 
     }
 }
 
+/// How a failed read ends the association: a PDU that cannot be parsed or is longer
+/// than negotiated is the peer's protocol error and is answered with an A-ABORT; a closed
+/// or broken connection is just closed.
+fn receive_error(e: dicom_ul::association::Error) -> Ending {
+    use dicom_ul::pdu::ReadError;
+    match &e {
+        dicom_ul::association::Error::ReceivePdu { source } => match source {
+            ReadError::ReadPdu { .. } => Ending::Closed(e.to_string()),
+            ReadError::PduTooLarge {
+                pdu_length,
+                max_pdu_length,
+                ..
+            } => Ending::Abort(format!(
+                "PDU of {pdu_length} bytes announced, dicom.max_pdu_length is {max_pdu_length}"
+            )),
+            other => Ending::Abort(format!("malformed PDU: {other}")),
+        },
+        _ => Ending::Closed(e.to_string()),
+    }
+}
+
 struct Handler {
     ctx: Arc<ServiceContext>,
     association: AsyncServerAssociation<TcpStream>,
@@ -240,7 +265,7 @@ impl Handler {
                 };
                 match received {
                     Err(_) => return Ending::Abort("no PDU within dicom.idle_timeout_secs".into()),
-                    Ok(Err(e)) => return Ending::Closed(e.to_string()),
+                    Ok(Err(e)) => return receive_error(e),
                     Ok(Ok(pdu)) => pdu,
                 }
             };

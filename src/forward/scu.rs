@@ -11,9 +11,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use dicom_core::Tag;
-use dicom_encoding::TransferSyntaxIndex;
-use dicom_object::InMemDicomObject;
-use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use dicom_ul::association::client::ClientAssociationOptions;
 use dicom_ul::association::AsyncClientAssociation;
 use dicom_ul::pdu::{AssociationRJResult, PresentationContextResultReason};
@@ -559,10 +556,8 @@ pub fn store_rq(message_id: u16, sop_class: &str, sop_instance_uid: &str) -> Vec
 }
 
 fn parse_response(bytes: &[u8], message_id: u16) -> Result<StoreResponse, ScuError> {
-    let ts = TransferSyntaxRegistry
-        .get(IMPLICIT_VR_LE)
-        .ok_or_else(|| ScuError::BadResponse("implicit VR little endian unavailable".into()))?;
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, ts)
+    // Lengths checked against the bytes before anything is allocated (issue #18).
+    let obj = crate::dimse::command::read_command_set(bytes)
         .map_err(|e| ScuError::BadResponse(e.to_string()))?;
     let int = |element: u16, name: &str| -> Result<u16, ScuError> {
         obj.element(Tag(0x0000, element))
@@ -596,6 +591,9 @@ fn parse_response(bytes: &[u8], message_id: u16) -> Result<StoreResponse, ScuErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dicom_encoding::TransferSyntaxIndex;
+    use dicom_object::InMemDicomObject;
+    use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
     #[test]
     fn statuses_are_sorted_on_purpose() {

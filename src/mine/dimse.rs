@@ -641,6 +641,13 @@ pub fn decode(bytes: &[u8], ts_uid: &str) -> Result<InMemDicomObject, QrError> {
     let ts = TransferSyntaxRegistry
         .get(ts_uid)
         .ok_or_else(|| QrError::Protocol(format!("transfer syntax {ts_uid} unknown")))?;
+    // Every length checked against the bytes before dicom-object allocates it (issue #18).
+    if ts.endianness() == dicom_encoding::transfer_syntax::Endianness::Little
+        && ts_uid != "1.2.840.10008.1.2.1.99"
+    {
+        crate::dimse::find::identifier::check_structure(bytes, ts_uid != IMPLICIT_VR_LE)
+            .map_err(|e| QrError::Protocol(format!("an identifier cannot be parsed: {e}")))?;
+    }
     InMemDicomObject::read_dataset_with_ts(bytes, ts)
         .map_err(|e| QrError::Protocol(format!("an identifier cannot be parsed: {e}")))
 }

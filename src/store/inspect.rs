@@ -617,23 +617,30 @@ fn is_summary_tag(tag: (u16, u16)) -> bool {
 }
 
 /// PS3.5 7.1.2: VRs whose explicit encoding has a reserved field and a 32-bit length.
+///
+/// A VR the standard does not define counts as UN, as dicom-parser reads it (reserved
+/// field and 32-bit length): the structure checks here must agree with the parser that
+/// reads the same bytes afterwards, or a 16-bit length they skip becomes a 32-bit length
+/// it allocates (issue #18: two uppercase letters such as `PJ` turned `DOE*` into a
+/// 709 MB value).
 pub fn has_long_length(vr: [u8; 2]) -> bool {
-    matches!(
-        &vr,
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"SV"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"UV"
-    )
+    dicom_core::VR::from_binary(vr).is_none()
+        || matches!(
+            &vr,
+            b"OB"
+                | b"OD"
+                | b"OF"
+                | b"OL"
+                | b"OV"
+                | b"OW"
+                | b"SQ"
+                | b"SV"
+                | b"UC"
+                | b"UN"
+                | b"UR"
+                | b"UT"
+                | b"UV"
+        )
 }
 
 #[cfg(test)]
@@ -785,5 +792,17 @@ mod tests {
         el(&mut d, 0x0020, 0x000D, b"1.5\0");
         let s = inspect_file(Cursor::new(d), 0, "1.2.840.10008.1.2").expect("valid");
         assert_eq!(s.study_uid.as_deref(), Some("1.5"));
+    }
+
+    /// Regression (issue #18): an unknown VR is walked as dicom-parser reads it (UN, 32-bit
+    /// length), so a stored file never announces to the pixel path a length it does not hold.
+    #[test]
+    fn an_unknown_vr_has_a_32_bit_length() {
+        let mut d = Vec::new();
+        el_explicit(&mut d, 0x0008, 0x0060, b"CS", b"CT");
+        d.extend_from_slice(&[0x10, 0, 0x10, 0, b'P', b'J', 4, 0]);
+        d.extend_from_slice(b"DOE*");
+        let err = inspect_file(std::io::Cursor::new(&d), 0, "1.2.840.10008.1.2.1").unwrap_err();
+        assert!(matches!(err, InspectError::Malformed { .. }), "{err}");
     }
 }

@@ -132,7 +132,7 @@ fn read(bytes: &[u8], ts_uid: &str) -> Result<InMemDicomObject, IdentifierError>
 /// sequences may nest at most [`MAX_DEPTH`] deep. dicom-object allocates a value's
 /// announced length before reading it and recurses once per nested sequence, so both are
 /// bounded here, following the same rules it uses to tell sequences from values.
-fn check_structure(bytes: &[u8], explicit: bool) -> Result<(), String> {
+pub fn check_structure(bytes: &[u8], explicit: bool) -> Result<(), String> {
     let mut pos = 0;
     scan_dataset(bytes, &mut pos, bytes.len(), false, explicit, 0)
 }
@@ -716,5 +716,27 @@ mod tests {
             EXPLICIT_VR_LE,
         );
         assert_eq!(check_structure(&ok, true), Ok(()));
+    }
+
+    /// Regression (issue #18, found by `tests/fuzz.rs`): an element with an unknown VR of
+    /// two uppercase letters passed the structure check with a 16-bit length, while
+    /// dicom-parser reads it as UN with a 32-bit length and allocated the 709 MB that the
+    /// next four bytes ("DOE*") announced.
+    #[test]
+    fn an_unknown_vr_is_checked_as_dicom_parser_reads_it() {
+        let mut bytes = Vec::new();
+        // (0008,0052) CS "STUDY "
+        bytes.extend_from_slice(&[0x08, 0, 0x52, 0, b'C', b'S', 6, 0]);
+        bytes.extend_from_slice(b"STUDY ");
+        // (0010,0010) "PJ" (no such VR), 16-bit length 4, value "DOE*"
+        bytes.extend_from_slice(&[0x10, 0, 0x10, 0, b'P', b'J', 4, 0]);
+        bytes.extend_from_slice(b"DOE*");
+        bytes.extend_from_slice(&[0x10, 0, 0x20, 0, b'L', b'O', 6, 0]);
+        bytes.extend_from_slice(b"12345 ");
+        assert!(check_structure(&bytes, true).is_err());
+        assert!(matches!(
+            parse(&bytes, EXPLICIT_VR_LE, Model::StudyRoot),
+            Err(IdentifierError::Unparseable(_))
+        ));
     }
 }

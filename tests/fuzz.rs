@@ -1,0 +1,108 @@
+//! Fuzz targets on stable Rust (issue #18): every parser that reads peer input, fed
+//! mutations of real and synthetic byte streams (`src/fuzz.rs`). A short run per target in
+//! `cargo test`; the long run is the same test with a larger budget:
+//!
+//! ```text
+//! ANATOMY_FUZZ_INPUTS=200000 ANATOMY_FUZZ_SECS=300 cargo test --release --test fuzz -- --nocapture
+//! ```
+//!
+//! A target fails on any panic or any single allocation of 64 MiB or more; the inputs that
+//! did it are written to `$ANATOMY_FUZZ_FINDINGS` (default: a temporary folder), named
+//! after the target, for a regression test.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anatomy_node::fuzz::{self, Budget, CountingAlloc};
+
+#[global_allocator]
+static ALLOCATOR: CountingAlloc = CountingAlloc;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn run(name: &str) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let targets = fuzz::targets(root);
+    let target = targets
+        .iter()
+        .find(|t| t.name == name)
+        .expect("a fuzz target of that name");
+    let budget = Budget {
+        inputs: env_u64("ANATOMY_FUZZ_INPUTS", 400),
+        time: Duration::from_secs(env_u64("ANATOMY_FUZZ_SECS", 4)),
+        seed: env_u64("ANATOMY_FUZZ_SEED", 18),
+    };
+    if fuzz::real_files(root, 1).is_empty() {
+        eprintln!("../shared/data is absent: seeds are the synthetic series only");
+    }
+    let report = fuzz::run(target, budget);
+    println!("{} (seeds {})", report.line(), target.seeds.len());
+    if report.findings() > 0 {
+        let dir = std::env::var("ANATOMY_FUZZ_FINDINGS")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| std::env::temp_dir().join("anatomy-fuzz-findings"));
+        let _ = std::fs::create_dir_all(&dir);
+        for (i, (input, why)) in report.panics.iter().enumerate() {
+            let _ = std::fs::write(dir.join(format!("{name}-panic-{i}.bin")), input);
+            eprintln!("{name}: panic {i}: {why}");
+        }
+        for (i, (input, size)) in report.allocations.iter().enumerate() {
+            let _ = std::fs::write(dir.join(format!("{name}-alloc-{i}.bin")), input);
+            eprintln!(
+                "{name}: allocation of {size} bytes from a {}-byte input",
+                input.len()
+            );
+        }
+        panic!(
+            "{name}: {} findings, inputs in {}",
+            report.findings(),
+            dir.display()
+        );
+    }
+    assert!(report.inputs > 0);
+}
+
+#[test]
+fn fuzz_pdu() {
+    run("pdu");
+}
+
+#[test]
+fn fuzz_command() {
+    run("command");
+}
+
+#[test]
+fn fuzz_inspect() {
+    run("inspect");
+}
+
+#[test]
+fn fuzz_identifier() {
+    run("identifier");
+}
+
+#[test]
+fn fuzz_stow() {
+    run("stow");
+}
+
+#[test]
+fn fuzz_qido() {
+    run("qido");
+}
+
+#[test]
+fn fuzz_pixels() {
+    run("pixels");
+}
+
+#[test]
+fn fuzz_manifest() {
+    run("manifest");
+}
