@@ -33,8 +33,8 @@ fn run(name: &str) {
         .find(|t| t.name == name)
         .expect("a fuzz target of that name");
     let budget = Budget {
-        inputs: env_u64("ANATOMY_FUZZ_INPUTS", 400),
-        time: Duration::from_secs(env_u64("ANATOMY_FUZZ_SECS", 4)),
+        inputs: env_u64("ANATOMY_FUZZ_INPUTS", 2000),
+        time: Duration::from_secs(env_u64("ANATOMY_FUZZ_SECS", 3)),
         seed: env_u64("ANATOMY_FUZZ_SEED", 18),
     };
     if fuzz::real_files(root, 1).is_empty() {

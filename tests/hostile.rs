@@ -155,6 +155,7 @@ fn a_command_set_with_corrupted_lengths_is_aborted_without_allocating() {
         at += 8 + u32::from_le_bytes(command[at + 4..at + 8].try_into().unwrap()) as usize;
     }
     let good = command.clone();
+    let mut answers = vec![];
     for (i, offset) in offsets.iter().enumerate() {
         command.copy_from_slice(&good);
         command[offset + 4..offset + 8].copy_from_slice(&0x3000_0000u32.to_le_bytes());
@@ -163,20 +164,19 @@ fn a_command_set_with_corrupted_lengths_is_aborted_without_allocating() {
         stream.extend(pdata(3, false, true, &dataset[..dataset.len().min(200)]));
         stream.extend([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]);
         let answer = exchange(node.dicom_port, &stream, false, Duration::from_secs(10));
-        assert_eq!(
-            answer,
-            Answer::Aborted,
-            "element {i}: {} bytes",
-            stream.len()
-        );
+        answers.push((i, stream.len(), answer));
     }
     let (hwm_after, _) = memory(node.pid());
     println!(
-        "{} streams of corrupted command sets: peak RSS {:.1} MB → {:.1} MB",
+        "{} streams of corrupted command sets ({:?}): peak RSS {:.1} MB → {:.1} MB",
         offsets.len(),
+        answers.iter().map(|a| a.2).collect::<Vec<_>>(),
         mb(hwm_before),
         mb(hwm_after)
     );
+    for (i, len, answer) in &answers {
+        assert_eq!(*answer, Answer::Aborted, "element {i}: {len} bytes");
+    }
     assert!(
         hwm_after < hwm_before + (64 << 20),
         "peak RSS grew by {:.0} MB",
@@ -203,6 +203,7 @@ fn pdata(pc: u8, command: bool, last: bool, data: &[u8]) -> Vec<u8> {
 fn a_pdu_longer_than_max_pdu_length_is_aborted_from_its_header() {
     let node = hostile_node();
     let (hwm_before, _) = memory(node.pid());
+    let mut outcomes = vec![];
     for (what, first) in [
         // after the association is accepted: a P-DATA-TF of 4 GiB - 16
         ("P-DATA-TF", true),
@@ -247,6 +248,15 @@ fn a_pdu_longer_than_max_pdu_length_is_aborted_from_its_header() {
             "{what} announcing 4 GiB: the node took at most {:.1} MB before it ended the association ({answer:?})",
             mb(sent as u64)
         );
+        outcomes.push((what, answer, sent));
+    }
+    let (hwm_after, _) = memory(node.pid());
+    println!(
+        "peak RSS {:.1} MB → {:.1} MB",
+        mb(hwm_before),
+        mb(hwm_after)
+    );
+    for (what, answer, sent) in outcomes {
         assert!(
             matches!(answer, Answer::Aborted | Answer::Closed | Answer::Rejected),
             "{what}: {answer:?}"
@@ -256,12 +266,6 @@ fn a_pdu_longer_than_max_pdu_length_is_aborted_from_its_header() {
             "{what}: the node read the whole 64 MB body"
         );
     }
-    let (hwm_after, _) = memory(node.pid());
-    println!(
-        "peak RSS {:.1} MB → {:.1} MB",
-        mb(hwm_before),
-        mb(hwm_after)
-    );
     assert!(
         hwm_after < hwm_before + (32 << 20),
         "peak RSS grew by {:.0} MB",
@@ -303,6 +307,7 @@ fn network_fuzzer() {
     let batch = 8;
     let mut sent = 0;
     let mut batches = 0;
+    let mut hung: Vec<Vec<u8>> = vec![];
     while sent < streams {
         let n = batch.min(streams - sent);
         let inputs: Vec<(Vec<u8>, bool)> = (0..n)
@@ -332,13 +337,9 @@ fn network_fuzzer() {
                 .collect()
         });
         for (answer, stream) in answers {
-            assert_ne!(
-                answer,
-                Answer::Timeout,
-                "a stream of {} bytes was neither answered nor closed within 15 s: {:02X?}",
-                stream.len(),
-                &stream[..stream.len().min(512)]
-            );
+            if answer == Answer::Timeout && hung.len() < 4 {
+                hung.push(stream);
+            }
             *tally.entry(answer).or_default() += 1;
         }
         sent += n;
@@ -365,6 +366,15 @@ fn network_fuzzer() {
         mb(hwm_start),
         mb(hwm_end)
     );
+    for stream in &hung {
+        eprintln!(
+            "a stream of {} bytes was neither answered nor closed within 15 s: {:02X?}",
+            stream.len(),
+            &stream[..stream.len().min(512)]
+        );
+    }
+    let timeouts = tally.get(&Answer::Timeout).copied().unwrap_or(0);
+    assert_eq!(timeouts, 0, "streams neither answered nor closed");
     assert!(
         hwm_end < hwm_start + (100 << 20),
         "peak RSS grew by {:.0} MB",
