@@ -87,7 +87,7 @@ impl Rng {
     pub fn new(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -97,7 +97,7 @@ impl Rng {
     }
     /// Uniform in `0..n` (`n > 0`).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
     pub fn chance(&mut self, one_in: usize) -> bool {
         self.below(one_in) == 0
@@ -132,7 +132,8 @@ pub fn mutate(input: &mut Vec<u8>, rng: &mut Rng, corpus: &[Vec<u8>], max_len: u
             // byte store
             2 if len > 0 => {
                 let at = rng.below(len);
-                input[at] = [0, 0xFF, 0x7F, 0x80, 0x01][rng.below(5)] ^ (rng.next() as u8 & 0x0F);
+                input[at] =
+                    [0, 0xFF, 0x7F, 0x80, 0x01][rng.below(5)] ^ (rng.next_u64() as u8 & 0x0F);
             }
             // truncation
             3 if len > 1 => input.truncate(rng.below(len)),
@@ -169,13 +170,13 @@ pub fn mutate(input: &mut Vec<u8>, rng: &mut Rng, corpus: &[Vec<u8>], max_len: u
             7 => {
                 let at = rng.below(len + 1);
                 let n = 1 + rng.below(64);
-                let fill = rng.next() as u8;
+                let fill = rng.next_u64() as u8;
                 let run: Vec<u8> = (0..n)
                     .map(|_| {
                         if rng.chance(2) {
                             fill
                         } else {
-                            rng.next() as u8
+                            rng.next_u64() as u8
                         }
                     })
                     .collect();
@@ -262,7 +263,7 @@ pub fn run(target: &Target, budget: Budget) -> Report {
         let input = if (i as usize) < target.seeds.len() {
             target.seeds[i as usize].clone()
         } else if target.seeds.is_empty() {
-            (0..rng.below(256)).map(|_| rng.next() as u8).collect()
+            (0..rng.below(256)).map(|_| rng.next_u64() as u8).collect()
         } else {
             let mut input = target.seeds[rng.below(target.seeds.len())].clone();
             mutate(&mut input, &mut rng, &target.seeds, target.max_len);
@@ -630,7 +631,7 @@ fn pdu_target(input: &[u8]) {
         match dicom_ul::pdu::read_pdu(&mut cursor, 256 * 1024, true) {
             Ok(Some(_)) => {
                 let used = cursor.position() as usize;
-                let _ = bytes::Buf::advance(&mut buf, used);
+                bytes::Buf::advance(&mut buf, used);
                 if used == 0 {
                     return;
                 }
