@@ -75,6 +75,11 @@ pub fn check_command_set(bytes: &[u8]) -> Result<(), CommandError> {
                 format!("element (0000,{element:04X}) has undefined length"),
             ));
         }
+        crate::store::inspect::check_value_length(
+            crate::store::inspect::implicit_vr((group, element)),
+            len,
+        )
+        .map_err(|why| malformed(at, format!("element (0000,{element:04X}) {why}")))?;
         if len as usize > remaining {
             return Err(malformed(
                 at,
@@ -313,5 +318,37 @@ mod tests {
                 "cut at {cut}"
             );
         }
+    }
+
+    /// Regression (issue #18, found by `tests/fuzz.rs`): a 173-byte command set whose group
+    /// length (UL) declares 127 bytes. dicom-parser reads 31 values (124 bytes), leaves 3,
+    /// reads the next headers out of phase and reserved 493 MB for a value; lengths of
+    /// binary VRs must now hold whole values.
+    #[test]
+    fn a_binary_value_length_that_is_not_whole_values_is_refused() {
+        let hex = [
+        "000000007f000000380000000000020012000000312e322e3834302e31303030382e312e310000000001020000003000",
+        "000010010200000001000000000802000000000000312e322e3834302e31303030382e352e312e342e312e312e320000",
+        "000001020000000100000010010200000002000000000702000000000000000008020000000000000000101e00000031",
+        "2e322e3832362e302e312e333638303034332e382e3439382e312e3100",
+        ]
+        .concat();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        assert_eq!(bytes.len(), 173);
+        match check_command_set(&bytes) {
+            Err(CommandError::Malformed { offset: 0, reason }) => {
+                assert!(reason.contains("not a multiple of 4"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // A US of 3 bytes, anywhere.
+        let mut good = echo_rq();
+        let at = element_offsets(&good)[2];
+        good[at + 4] = 3;
+        good.insert(at + 8, 0);
+        assert!(check_command_set(&good).is_err());
     }
 }

@@ -143,7 +143,9 @@ impl QrAssociation {
             .calling_ae_title(peer.calling_ae_title.clone())
             .called_ae_title(peer.ae_title.clone())
             .max_pdu_length(max_pdu_length)
-            .strict(false)
+            // Strict: a PDU longer than our maximum is refused from its header, not buffered
+            // until its announced length (up to 4 GiB) has arrived (issue #18).
+            .strict(true)
             .connection_timeout(timeouts.connect)
             .read_timeout(timeouts.dimse)
             .write_timeout(timeouts.dimse)

@@ -316,9 +316,16 @@ impl<S: Source> Walker<S> {
         let element = u16::from_le_bytes([raw[2], raw[3]]);
         if group == 0xFFFE || encoding == Encoding::ImplicitLe {
             let len = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
+            // Implicit VR: the VR dicom-parser will give it (a sequence of defined length
+            // is walked, not skipped, as the parser will read its items).
+            let vr = if group == 0xFFFE {
+                *b"  "
+            } else {
+                implicit_vr((group, element))
+            };
             return Ok(Header {
                 tag: (group, element),
-                vr: *b"  ",
+                vr,
                 len,
             });
         }
@@ -429,6 +436,7 @@ impl<S: Source> Walker<S> {
             self.check_fits(u64::from(h.len), &name)?;
             return self.walk_sequence(Some(limit), depth, encoding);
         }
+        check_value_length(h.vr, h.len).map_err(|why| self.malformed(format!("{name} {why}")))?;
         if depth == 0 && is_summary_tag(h.tag) {
             if h.len > MAX_SUMMARY_VALUE {
                 return Err(self.malformed(format!("{name} is {} bytes long", h.len)));
@@ -614,6 +622,46 @@ fn is_summary_tag(tag: (u16, u16)) -> bool {
             )
             | (0x0028, 0x0002 | 0x0008 | 0x0010 | 0x0011 | 0x0100)
     )
+}
+
+/// The VR dicom-parser gives an element in Implicit VR Little Endian: OW for Pixel Data
+/// and Overlay Data, the dictionary's for the rest, UN for what it does not know.
+pub fn implicit_vr(tag: (u16, u16)) -> [u8; 2] {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+    if tag == PIXEL_DATA || (tag.0 >> 8 == 0x60 && tag.1 == 0x3000) {
+        return *b"OW";
+    }
+    let vr = dicom_dictionary_std::StandardDataDictionary
+        .by_tag(dicom_core::Tag(tag.0, tag.1))
+        .map(|e| e.vr().relaxed())
+        .unwrap_or(dicom_core::VR::UN);
+    let name = vr.to_string().as_bytes();
+    [name[0], name[1]]
+}
+
+/// Bytes per value of a binary VR (1 for the others).
+pub fn value_size(vr: [u8; 2]) -> u32 {
+    match &vr {
+        b"US" | b"SS" | b"OW" => 2,
+        b"UL" | b"SL" | b"FL" | b"AT" | b"OF" | b"OL" => 4,
+        b"FD" | b"OD" | b"SV" | b"UV" | b"OV" => 8,
+        _ => 1,
+    }
+}
+
+/// A defined length of a binary VR must hold whole values: dicom-parser reads
+/// `len / size` values and leaves the remainder unread, so from there on it reads element
+/// headers out of phase with every walker that skips `len` bytes, and takes value bytes for
+/// lengths (issue #18: 493 MB from a 173-byte command set).
+pub fn check_value_length(vr: [u8; 2], len: u32) -> Result<(), String> {
+    let size = value_size(vr);
+    if len != UNDEFINED && len % size != 0 {
+        return Err(format!(
+            "is {} with a length of {len}, not a multiple of {size}",
+            String::from_utf8_lossy(&vr)
+        ));
+    }
+    Ok(())
 }
 
 /// PS3.5 7.1.2: VRs whose explicit encoding has a reserved field and a 32-bit length.
@@ -804,5 +852,34 @@ mod tests {
         d.extend_from_slice(b"DOE*");
         let err = inspect_file(std::io::Cursor::new(&d), 0, "1.2.840.10008.1.2.1").unwrap_err();
         assert!(matches!(err, InspectError::Malformed { .. }), "{err}");
+    }
+
+    /// Regression (issue #18): an Implicit VR sequence of defined length is walked (it was
+    /// skipped, while dicom-object parses its items when the classifier opens the file), and
+    /// a binary value must hold whole values.
+    #[test]
+    fn implicit_defined_length_sequences_and_partial_values_are_checked() {
+        let implicit = |out: &mut Vec<u8>, g: u16, e: u16, value: &[u8]| {
+            out.extend_from_slice(&g.to_le_bytes());
+            out.extend_from_slice(&e.to_le_bytes());
+            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            out.extend_from_slice(value);
+        };
+        // An item holding an element that announces 3 GB.
+        let mut item = Vec::new();
+        item.extend_from_slice(&[0x08, 0, 0x50, 0x11, 0, 0, 0, 0xC0]);
+        let mut seq = Vec::new();
+        implicit(&mut seq, 0xFFFE, 0xE000, &item);
+        let mut d = Vec::new();
+        implicit(&mut d, 0x0008, 0x0060, b"CT");
+        implicit(&mut d, 0x0008, 0x1115, &seq);
+        let err = inspect_file(Cursor::new(&d), 0, "1.2.840.10008.1.2").unwrap_err();
+        assert!(matches!(err, InspectError::Malformed { .. }), "{err}");
+
+        let mut d = Vec::new();
+        implicit(&mut d, 0x0008, 0x0060, b"CT");
+        implicit(&mut d, 0x0028, 0x0010, &[1, 0, 0]);
+        let err = inspect_file(Cursor::new(&d), 0, "1.2.840.10008.1.2").unwrap_err();
+        assert!(err.to_string().contains("not a multiple of 2"), "{err}");
     }
 }

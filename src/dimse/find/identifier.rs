@@ -250,6 +250,13 @@ fn scan_dataset(
         } else if h.len == UNDEFINED {
             scan_fragments(b, pos, end, h.tag)?;
         } else {
+            let vr = if explicit {
+                h.vr
+            } else {
+                crate::store::inspect::implicit_vr((h.tag.group(), h.tag.element()))
+            };
+            crate::store::inspect::check_value_length(vr, h.len)
+                .map_err(|why| format!("{} {why}", h.tag))?;
             skip(pos, h.len, end, h.tag)?;
         }
     }
@@ -738,5 +745,34 @@ mod tests {
             parse(&bytes, EXPLICIT_VR_LE, Model::StudyRoot),
             Err(IdentifierError::Unparseable(_))
         ));
+    }
+
+    /// Regression (issue #18, found by `tests/fuzz.rs`): a US value of 3 bytes. dicom-parser
+    /// reads one value and leaves a byte, then takes value bytes for the next length (a
+    /// 4 GiB allocation that aborted the process).
+    #[test]
+    fn a_binary_value_of_partial_length_is_refused() {
+        for explicit in [true, false] {
+            let mut bytes = Vec::new();
+            // (0008,0052) CS "STUDY "
+            bytes.extend_from_slice(&[0x08, 0, 0x52, 0]);
+            if explicit {
+                bytes.extend_from_slice(&[b'C', b'S', 6, 0]);
+            } else {
+                bytes.extend_from_slice(&[6, 0, 0, 0]);
+            }
+            bytes.extend_from_slice(b"STUDY ");
+            // (0020,1206) Number of Study Related Series is IS; (0028,0010) Rows is US
+            bytes.extend_from_slice(&[0x28, 0, 0x10, 0]);
+            if explicit {
+                bytes.extend_from_slice(&[b'U', b'S', 3, 0]);
+            } else {
+                bytes.extend_from_slice(&[3, 0, 0, 0]);
+            }
+            bytes.extend_from_slice(&[1, 0, 0x20]);
+            bytes.extend_from_slice(&[0x00, 0x0D, b'U', b'I', 0xFF, 0xFF, 0xFF, 0xF0]);
+            let err = check_structure(&bytes, explicit).unwrap_err();
+            assert!(err.contains("not a multiple of 2"), "{err}");
+        }
     }
 }
