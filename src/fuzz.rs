@@ -504,6 +504,46 @@ fn first_dicom_under(dir: &Path, depth: usize) -> Option<PathBuf> {
         .find_map(|p| first_dicom_under(p, depth - 1))
 }
 
+/// `file` transcoded by DCMTK into the compressed and deflated syntaxes it writes (JPEG
+/// lossless and baseline, JPEG-LS, RLE, Deflated Explicit VR LE), for the syntaxes whose
+/// tool is installed; none where DCMTK is absent.
+pub fn dcmtk_transcodes(file: &[u8]) -> Vec<Vec<u8>> {
+    const TOOLS: [(&str, &str); 7] = [
+        ("dcmcjpeg", "+e1"),
+        ("dcmcjpeg", "+eb"),
+        ("dcmcjpeg", "+ee"),
+        ("dcmcjpls", "+el"),
+        ("dcmcjpls", "+en"),
+        ("dcmcrle", "+e"),
+        ("dcmconv", "+td"),
+    ];
+    let dir = std::env::temp_dir().join(format!("anatomy-fuzz-{}", std::process::id()));
+    if std::fs::create_dir_all(&dir).is_err() {
+        return vec![];
+    }
+    let src = dir.join("source.dcm");
+    if std::fs::write(&src, file).is_err() {
+        return vec![];
+    }
+    let mut out = vec![];
+    for (i, (tool, option)) in TOOLS.iter().enumerate() {
+        let dst = dir.join(format!("out{i}.dcm"));
+        let ok = std::process::Command::new(tool)
+            .arg(option)
+            .arg(&src)
+            .arg(&dst)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if let (true, Ok(bytes)) = (ok, std::fs::read(&dst)) {
+            out.push(bytes);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
 /// A multipart/related body of PS3.10 parts with `boundary`.
 pub fn multipart_body(parts: &[&[u8]], boundary: &str) -> Vec<u8> {
     let mut body = Vec::new();
@@ -833,6 +873,7 @@ pub fn targets(root: &Path) -> Vec<Target> {
         .filter_map(|p| std::fs::read(p).ok())
         .collect();
     let mut files = vec![synthetic_file(16, 12), synthetic_file(24, 16)];
+    files.extend(dcmtk_transcodes(&synthetic_file(16, 12)));
     files.extend(real.iter().cloned());
     let small = synthetic_file(8, 12);
     let small_dataset = dataset_of(&small).map(|(d, _)| d).unwrap_or_default();
