@@ -143,10 +143,25 @@ struct StreamSource<R> {
     inner: R,
     pos: u64,
     peeked: Option<u8>,
+    /// Most bytes the stream may inflate to.
+    limit: u64,
+}
+
+impl<R> StreamSource<R> {
+    fn check_limit(&self, n: u64) -> io::Result<()> {
+        if self.pos.saturating_add(n) > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the data set inflates beyond {} MiB", self.limit >> 20),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl<R: Read> Source for StreamSource<R> {
     fn read_exact_at_pos(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.check_limit(buf.len() as u64)?;
         let mut start = 0;
         if let (Some(b), Some(first)) = (self.peeked, buf.first_mut()) {
             *first = b;
@@ -158,6 +173,7 @@ impl<R: Read> Source for StreamSource<R> {
         Ok(())
     }
     fn skip(&mut self, n: u64) -> io::Result<()> {
+        self.check_limit(n)?;
         let mut remaining = n;
         if remaining > 0 && self.peeked.take().is_some() {
             remaining -= 1;
@@ -211,11 +227,27 @@ fn encoding_of(ts_uid: &str) -> Option<(Encoding, bool)> {
     }
 }
 
+/// A deflated data set may inflate to this much whatever its size…
+const INFLATED_FLOOR: u64 = 64 << 20;
+/// …and to this many times its deflated size beyond that (CT deflates 2–4 times). A few
+/// megabytes of zeros inflate to gigabytes, which dicom-object would hold in memory when
+/// the classifier opens the file (issue #18).
+const INFLATION_RATIO: u64 = 32;
+
 /// Inspect the data set stored in `file` from byte `offset` to its end.
 pub fn inspect_file<R: Read + Seek>(
+    file: R,
+    offset: u64,
+    ts_uid: &str,
+) -> Result<DatasetSummary, InspectError> {
+    inspect_with(file, offset, ts_uid, INFLATED_FLOOR)
+}
+
+fn inspect_with<R: Read + Seek>(
     mut file: R,
     offset: u64,
     ts_uid: &str,
+    inflated_floor: u64,
 ) -> Result<DatasetSummary, InspectError> {
     let (encoding, deflated) = encoding_of(ts_uid)
         .ok_or_else(|| InspectError::UnsupportedTransferSyntax(ts_uid.to_string()))?;
@@ -229,6 +261,10 @@ pub fn inspect_file<R: Read + Seek>(
                 inner: inflater,
                 pos: 0,
                 peeked: None,
+                limit: end
+                    .saturating_sub(offset)
+                    .saturating_mul(INFLATION_RATIO)
+                    .max(inflated_floor),
             },
             encoding,
         );
@@ -805,6 +841,25 @@ mod tests {
         assert_eq!(s.sop_instance_uid.as_deref(), Some("1.2.3.4"));
         let cut = &deflated[..deflated.len() / 2];
         assert!(inspect_file(Cursor::new(cut.to_vec()), 0, "1.2.840.10008.1.2.1.99").is_err());
+    }
+
+    /// Regression (issue #18): a deflate bomb (a few KiB announcing and holding megabytes
+    /// of one value) is refused once it inflates beyond its bound.
+    #[test]
+    fn a_deflate_bomb_is_refused() {
+        use flate2::{write::DeflateEncoder, Compression};
+        use std::io::Write;
+        let mut d = Vec::new();
+        el_explicit(&mut d, 0x0008, 0x0060, b"CT", b"CT");
+        el_explicit(&mut d, 0x0009, 0x1010, b"OB", &vec![0u8; 4 << 20]);
+        let mut enc = DeflateEncoder::new(Vec::new(), Compression::fast());
+        enc.write_all(&d).unwrap();
+        let bomb = enc.finish().unwrap();
+        assert!(bomb.len() < 64 << 10, "{} bytes", bomb.len());
+        let ts = "1.2.840.10008.1.2.1.99";
+        let err = inspect_with(Cursor::new(bomb.clone()), 0, ts, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("inflates beyond"), "{err}");
+        assert!(inspect_with(Cursor::new(bomb), 0, ts, 8 << 20).is_ok());
     }
 
     #[test]
