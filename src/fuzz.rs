@@ -517,7 +517,9 @@ pub fn dcmtk_transcodes(file: &[u8]) -> Vec<Vec<u8>> {
         ("dcmcrle", "+e"),
         ("dcmconv", "+td"),
     ];
-    let dir = std::env::temp_dir().join(format!("anatomy-fuzz-{}", std::process::id()));
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("anatomy-fuzz-{}-{call}", std::process::id()));
     if std::fs::create_dir_all(&dir).is_err() {
         return vec![];
     }
@@ -681,6 +683,60 @@ fn pdu_target(input: &[u8]) {
     }
 }
 
+/// Association negotiation: the bytes arrive on a loopback socket and the node's own
+/// server options (`dimse::association::server_options`: strict, its maximum PDU length,
+/// its AE title and access control) negotiate, within 500 ms; then one more PDU is read as
+/// the association loop reads it.
+fn association_target(input: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    let input = input.to_vec();
+    RUNTIME.with(|rt| {
+        let Some(rt) = rt else { return };
+        rt.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await else {
+                return;
+            };
+            let Ok(addr) = listener.local_addr() else {
+                return;
+            };
+            let writer = tokio::spawn(async move {
+                if let Ok(mut client) = tokio::net::TcpStream::connect(addr).await {
+                    let _ = client.write_all(&input).await;
+                    let _ = client.shutdown().await;
+                    // Keep the connection until the server is done with it.
+                    let mut sink = Vec::new();
+                    let _ = tokio::time::timeout(
+                        Duration::from_millis(600),
+                        tokio::io::AsyncReadExt::read_to_end(&mut client, &mut sink),
+                    )
+                    .await;
+                }
+            });
+            let Ok(Ok((socket, peer))) =
+                tokio::time::timeout(Duration::from_millis(500), listener.accept()).await
+            else {
+                return;
+            };
+            let dicom = crate::config::DicomConfig::default();
+            let peers = std::sync::Arc::new(vec![crate::config::AllowedPeer {
+                ae_title: "TESTSCU".into(),
+                host: None,
+            }]);
+            let access = crate::dimse::access::PeerAccess::new(false, peers, peer.ip());
+            let options = crate::dimse::association::server_options(&dicom, access);
+            let established =
+                tokio::time::timeout(Duration::from_millis(500), options.establish_async(socket))
+                    .await;
+            if let Ok(Ok(mut association)) = established {
+                use dicom_ul::association::Association;
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(200), association.receive()).await;
+            }
+            let _ = writer.await;
+        })
+    });
+}
+
 fn command_target(input: &[u8]) {
     if let Ok(rq) = command::Request::parse(input) {
         let _ = command::encode_response(&rq, &crate::dimse::status::Status::success());
@@ -745,6 +801,7 @@ fn identifier_target(input: &[u8]) {
 
 thread_local! {
     static RUNTIME: Option<tokio::runtime::Runtime> = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .ok();
 }
@@ -914,6 +971,12 @@ pub fn targets(root: &Path) -> Vec<Target> {
             seeds: pdu_seeds,
             max_len: 64 * 1024,
             run: pdu_target,
+        },
+        Target {
+            name: "association",
+            seeds: association_streams("TESTSCU", "ANATOMY", &small_dataset),
+            max_len: 64 * 1024,
+            run: association_target,
         },
         Target {
             name: "command",

@@ -73,6 +73,11 @@ fn fuzz_pdu() {
 }
 
 #[test]
+fn fuzz_association() {
+    run("association");
+}
+
+#[test]
 fn fuzz_command() {
     run("command");
 }

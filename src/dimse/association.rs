@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dicom_ul::association::server::ServerAssociationOptions;
+use dicom_ul::association::server::{DefaultNegotiation, ServerAssociationOptions};
 use dicom_ul::association::{Association, AsyncServerAssociation};
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use dicom_ul::Pdu;
@@ -56,30 +56,8 @@ pub async fn serve(
     let span = info_span!("association", id, peer = %peer, calling_ae = tracing::field::Empty);
     async move {
         let dicom = &ctx.config.dicom;
-        let mut options = ServerAssociationOptions::new()
-            .ae_access_control(PeerAccess::new(
-                dicom.allow_any_peer,
-                ctx.allowed_peers.clone(),
-                peer.ip(),
-            ))
-            .ae_title(dicom.ae_title.clone())
-            .max_pdu_length(dicom.max_pdu_length)
-            // Strict: a PDU (the A-ASSOCIATE-RQ included) that declares more than
-            // dicom.max_pdu_length is refused from its 6-byte header. Not strict, dicom-ul
-            // buffers whatever the peer sends until the declared length (up to 4 GiB) has
-            // arrived (issue #18); the refusal is answered with an A-ABORT (`receive_error`).
-            .strict(true)
-            .write_timeout(Duration::from_secs(dicom.idle_timeout_secs))
-            .with_abstract_syntax(sop_classes::VERIFICATION);
-        for uid in sop_classes::STORAGE_SOP_CLASSES {
-            options = options.with_abstract_syntax(*uid);
-        }
-        for uid in sop_classes::QUERY_SOP_CLASSES {
-            options = options.with_abstract_syntax(*uid);
-        }
-        for ts in sop_classes::TRANSFER_SYNTAXES {
-            options = options.with_transfer_syntax(*ts);
-        }
+        let access = PeerAccess::new(dicom.allow_any_peer, ctx.allowed_peers.clone(), peer.ip());
+        let options = server_options(dicom, access);
         let artim = Duration::from_secs(dicom.artim_timeout_secs);
         let association = match tokio::time::timeout(artim, options.establish_async(socket)).await {
             Err(_) => {
@@ -121,6 +99,34 @@ pub async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// How the node negotiates an association as SCP (also driven by `crate::fuzz`).
+pub fn server_options(
+    dicom: &crate::config::DicomConfig,
+    access: PeerAccess,
+) -> ServerAssociationOptions<'static, PeerAccess, DefaultNegotiation> {
+    let mut options = ServerAssociationOptions::new()
+        .ae_access_control(access)
+        .ae_title(dicom.ae_title.clone())
+        .max_pdu_length(dicom.max_pdu_length)
+        // Strict: a PDU (the A-ASSOCIATE-RQ included) that declares more than
+        // dicom.max_pdu_length is refused from its 6-byte header. Not strict, dicom-ul
+        // buffers whatever the peer sends until the declared length (up to 4 GiB) has
+        // arrived (issue #18); the refusal is answered with an A-ABORT (`receive_error`).
+        .strict(true)
+        .write_timeout(Duration::from_secs(dicom.idle_timeout_secs))
+        .with_abstract_syntax(sop_classes::VERIFICATION);
+    for uid in sop_classes::STORAGE_SOP_CLASSES {
+        options = options.with_abstract_syntax(*uid);
+    }
+    for uid in sop_classes::QUERY_SOP_CLASSES {
+        options = options.with_abstract_syntax(*uid);
+    }
+    for ts in sop_classes::TRANSFER_SYNTAXES {
+        options = options.with_transfer_syntax(*ts);
+    }
+    options
 }
 
 fn rejection_outcome(e: &dicom_ul::association::Error) -> String {
