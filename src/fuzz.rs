@@ -728,7 +728,6 @@ fn association_target(input: &[u8]) {
                 tokio::time::timeout(Duration::from_millis(500), options.establish_async(socket))
                     .await;
             if let Ok(Ok(mut association)) = established {
-                use dicom_ul::association::Association;
                 let _ =
                     tokio::time::timeout(Duration::from_millis(200), association.receive()).await;
             }
