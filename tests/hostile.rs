@@ -381,3 +381,53 @@ fn network_fuzzer() {
         mb(hwm_end - hwm_start)
     );
 }
+
+/// Regression (issue #18): multer held a STOW-RS part's headers in memory until their blank
+/// line, up to `http.stow_max_mb` (1 GB by default). Headers past 16 KiB now end the
+/// request with a 400, and the node's memory does not follow the body.
+#[test]
+fn a_stow_part_whose_headers_never_end_is_refused() {
+    let node = hostile_node();
+    let (hwm_before, _) = memory(node.pid());
+    let body_len = 64usize << 20;
+    let mut socket = TcpStream::connect(("127.0.0.1", node.http_port)).unwrap();
+    socket
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let head = format!(
+        "POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Content-Type: multipart/related; type=\"application/dicom\"; boundary=XyZ\r\n\
+         Accept: application/dicom+json\r\nContent-Length: {body_len}\r\n\r\n\
+         --XyZ\r\nContent-Type: application/dicom\r\nX-Junk: "
+    );
+    socket.write_all(head.as_bytes()).unwrap();
+    let chunk = vec![b'h'; 1 << 20];
+    let mut sent = 0usize;
+    while sent < body_len - head.len() {
+        match socket.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = socket.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    let (hwm_after, _) = memory(node.pid());
+    println!(
+        "STOW-RS part headers of {:.1} MB sent: {:?}; peak RSS {:.1} MB → {:.1} MB",
+        mb(sent as u64),
+        answer.lines().next().unwrap_or(""),
+        mb(hwm_before),
+        mb(hwm_after)
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("16 KiB"), "{answer}");
+    assert!(
+        hwm_after < hwm_before + (32 << 20),
+        "peak RSS grew by {:.0} MB",
+        mb(hwm_after - hwm_before)
+    );
+}
