@@ -59,25 +59,42 @@ pub async fn serve(
         let access = PeerAccess::new(dicom.allow_any_peer, ctx.allowed_peers.clone(), peer.ip());
         let options = server_options(dicom, access);
         let artim = Duration::from_secs(dicom.artim_timeout_secs);
-        let association = match tokio::time::timeout(artim, options.establish_async(socket)).await {
-            Err(_) => {
-                ctx.metrics.association("artim_timeout");
-                warn!("no A-ASSOCIATE-RQ within dicom.artim_timeout_secs; closing");
-                return;
-            }
-            Ok(Err(e)) => {
-                let outcome = rejection_outcome(&e);
-                ctx.metrics.association(&outcome);
-                if outcome == "closed_before_request" {
-                    // Port probes and health checks connect and leave: not worth a warning.
-                    debug!("connection closed before an A-ASSOCIATE-RQ");
-                } else {
-                    warn!(error = %e, outcome, "association not established");
+        let deadline = tokio::time::Instant::now() + artim;
+        if let Some(len) = oversized_request(&socket, dicom.max_pdu_length, deadline).await {
+            // dicom-ul would refuse it too, but only by dropping the connection.
+            ctx.metrics.association("failed");
+            warn!(
+                pdu_length = len,
+                "the first PDU announces more than dicom.max_pdu_length; aborting"
+            );
+            let mut socket = socket;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::io::AsyncWriteExt::write_all(&mut socket, &INVALID_PDU_ABORT),
+            )
+            .await;
+            return;
+        }
+        let association =
+            match tokio::time::timeout_at(deadline, options.establish_async(socket)).await {
+                Err(_) => {
+                    ctx.metrics.association("artim_timeout");
+                    warn!("no A-ASSOCIATE-RQ within dicom.artim_timeout_secs; closing");
+                    return;
                 }
-                return;
-            }
-            Ok(Ok(a)) => a,
-        };
+                Ok(Err(e)) => {
+                    let outcome = rejection_outcome(&e);
+                    ctx.metrics.association(&outcome);
+                    if outcome == "closed_before_request" {
+                        // Port probes and health checks connect and leave: not worth a warning.
+                        debug!("connection closed before an A-ASSOCIATE-RQ");
+                    } else {
+                        warn!(error = %e, outcome, "association not established");
+                    }
+                    return;
+                }
+                Ok(Ok(a)) => a,
+            };
         Span::current().record("calling_ae", association.peer_ae_title());
         ctx.metrics.association("accepted");
         ctx.metrics.associations_active.inc();
@@ -99,6 +116,39 @@ pub async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// A-ABORT from the service provider, reason "invalid PDU parameter value" (PS3.8 9.3.8).
+const INVALID_PDU_ABORT: [u8; 10] = [0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6];
+
+/// The length the first PDU on `socket` announces, when it is more than `max` (peeked, so
+/// nothing is consumed); `None` when it is not, or when no header arrives before
+/// `deadline` (the negotiation then ends the connection as usual).
+async fn oversized_request(
+    socket: &TcpStream,
+    max: u32,
+    deadline: tokio::time::Instant,
+) -> Option<u32> {
+    let mut header = [0u8; 6];
+    // Bounded: a peer that dribbles its header is looked at every 10 ms until ARTIM.
+    for _ in 0..10_000 {
+        let n = tokio::time::timeout_at(deadline, socket.peek(&mut header))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if n >= 6 {
+            let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
+            return (len > max).then_some(len);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
 }
 
 /// How the node negotiates an association as SCP (also driven by `crate::fuzz`).
