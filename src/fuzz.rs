@@ -256,8 +256,8 @@ pub fn run(target: &Target, budget: Budget) -> Report {
         target: target.name,
         ..Report::default()
     };
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    quiet_panics_while_fuzzing();
+    FUZZING.with(|f| f.set(true));
     let mut i = 0u64;
     while i < budget.inputs && started.elapsed() < budget.time {
         let input = if (i as usize) < target.seeds.len() {
@@ -288,10 +288,29 @@ pub fn run(target: &Target, budget: Budget) -> Report {
         }
         i += 1;
     }
-    std::panic::set_hook(hook);
+    FUZZING.with(|f| f.set(false));
     report.inputs = i;
     report.elapsed = started.elapsed();
     report
+}
+
+thread_local! {
+    static FUZZING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Panics of a target are findings, counted and reported by [`run`]; they are not printed.
+/// The hook is installed once for the process and stays quiet only on threads that fuzz,
+/// so other tests running alongside keep their messages.
+fn quiet_panics_while_fuzzing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !FUZZING.with(|f| f.get()) {
+                previous(info)
+            }
+        }));
+    });
 }
 
 fn fxhash(bytes: &[u8]) -> u64 {

@@ -161,3 +161,35 @@ fn collect(dir: &Path, depth: usize, out: &mut Vec<std::path::PathBuf>) {
         }
     }
 }
+
+/// The harness itself: a panic and a 100 MiB allocation are both findings.
+#[test]
+fn the_harness_reports_panics_and_large_allocations() {
+    fn flawed(input: &[u8]) {
+        match input.first() {
+            Some(1) => panic!("a finding"),
+            Some(2) => {
+                let v: Vec<u8> = Vec::with_capacity(100 << 20);
+                std::hint::black_box(&v);
+            }
+            _ => {}
+        }
+    }
+    let target = fuzz::Target {
+        name: "selftest",
+        seeds: vec![vec![0], vec![1], vec![2]],
+        max_len: 4,
+        run: flawed,
+    };
+    let budget = Budget {
+        inputs: 3,
+        time: Duration::from_secs(10),
+        seed: 1,
+    };
+    let report = fuzz::run(&target, budget);
+    assert_eq!(report.inputs, 3);
+    assert_eq!(report.panics.len(), 1, "{report:?}");
+    assert_eq!(report.panics[0].1, "a finding");
+    assert_eq!(report.allocations.len(), 1);
+    assert!(report.allocations[0].1 >= 100 << 20);
+}
