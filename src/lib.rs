@@ -14,6 +14,7 @@ pub mod dimse;
 pub mod error_text;
 pub mod eval;
 pub mod forward;
+pub mod fuzz;
 pub mod index;
 pub mod metrics;
 pub mod mine;

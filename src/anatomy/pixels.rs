@@ -185,6 +185,9 @@ pub enum PixelErrorKind {
     CorruptPixelData { frame: u32, reason: String },
 }
 
+/// Largest frame decoded, in stored bytes: 8192 × 8192 pixels of 16 bits.
+pub const MAX_FRAME_BYTES: usize = 128 << 20;
+
 /// Every frame of the DICOM file at `path`, in HU.
 pub fn hu_frames(path: &Path) -> Result<Vec<HuImage>, PixelError> {
     let at = |kind| PixelError {
@@ -223,6 +226,20 @@ fn decode_frames(
 ) -> Result<Vec<HuImage>, PixelErrorKind> {
     let obj = decode::retype_un_pixel_attributes(obj);
     let format = attributes::pixel_format(&obj)?;
+    // The decoders size their output buffers from Rows × Columns, whatever the codestream
+    // holds: a header announcing 65535 × 65535 would cost gigabytes before the data is
+    // found short (issue #18). CT frames are at most a few MiB.
+    let frame_bytes = format.rows * format.columns * usize::from(format.bits_allocated / 8);
+    if frame_bytes > MAX_FRAME_BYTES {
+        return Err(PixelErrorKind::UnsupportedImage(format!(
+            "{} × {} pixels of {} bits is {} MiB per frame; at most {} MiB are decoded",
+            format.rows,
+            format.columns,
+            format.bits_allocated,
+            frame_bytes >> 20,
+            MAX_FRAME_BYTES >> 20
+        )));
+    }
     let frames = attributes::number_of_frames(&obj)?;
     let wanted = match only {
         None => 0..frames,

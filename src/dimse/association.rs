@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dicom_ul::association::server::ServerAssociationOptions;
+use dicom_ul::association::server::{DefaultNegotiation, ServerAssociationOptions};
 use dicom_ul::association::{Association, AsyncServerAssociation};
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use dicom_ul::Pdu;
@@ -56,46 +56,45 @@ pub async fn serve(
     let span = info_span!("association", id, peer = %peer, calling_ae = tracing::field::Empty);
     async move {
         let dicom = &ctx.config.dicom;
-        let mut options = ServerAssociationOptions::new()
-            .ae_access_control(PeerAccess::new(
-                dicom.allow_any_peer,
-                ctx.allowed_peers.clone(),
-                peer.ip(),
-            ))
-            .ae_title(dicom.ae_title.clone())
-            .max_pdu_length(dicom.max_pdu_length)
-            .strict(false)
-            .write_timeout(Duration::from_secs(dicom.idle_timeout_secs))
-            .with_abstract_syntax(sop_classes::VERIFICATION);
-        for uid in sop_classes::STORAGE_SOP_CLASSES {
-            options = options.with_abstract_syntax(*uid);
-        }
-        for uid in sop_classes::QUERY_SOP_CLASSES {
-            options = options.with_abstract_syntax(*uid);
-        }
-        for ts in sop_classes::TRANSFER_SYNTAXES {
-            options = options.with_transfer_syntax(*ts);
-        }
+        let access = PeerAccess::new(dicom.allow_any_peer, ctx.allowed_peers.clone(), peer.ip());
+        let options = server_options(dicom, access);
         let artim = Duration::from_secs(dicom.artim_timeout_secs);
-        let association = match tokio::time::timeout(artim, options.establish_async(socket)).await {
-            Err(_) => {
-                ctx.metrics.association("artim_timeout");
-                warn!("no A-ASSOCIATE-RQ within dicom.artim_timeout_secs; closing");
-                return;
-            }
-            Ok(Err(e)) => {
-                let outcome = rejection_outcome(&e);
-                ctx.metrics.association(&outcome);
-                if outcome == "closed_before_request" {
-                    // Port probes and health checks connect and leave: not worth a warning.
-                    debug!("connection closed before an A-ASSOCIATE-RQ");
-                } else {
-                    warn!(error = %e, outcome, "association not established");
+        let deadline = tokio::time::Instant::now() + artim;
+        if let Some(len) = oversized_request(&socket, dicom.max_pdu_length, deadline).await {
+            // dicom-ul would refuse it too, but only by dropping the connection.
+            ctx.metrics.association("failed");
+            warn!(
+                pdu_length = len,
+                "the first PDU announces more than dicom.max_pdu_length; aborting"
+            );
+            let mut socket = socket;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::io::AsyncWriteExt::write_all(&mut socket, &INVALID_PDU_ABORT),
+            )
+            .await;
+            return;
+        }
+        let association =
+            match tokio::time::timeout_at(deadline, options.establish_async(socket)).await {
+                Err(_) => {
+                    ctx.metrics.association("artim_timeout");
+                    warn!("no A-ASSOCIATE-RQ within dicom.artim_timeout_secs; closing");
+                    return;
                 }
-                return;
-            }
-            Ok(Ok(a)) => a,
-        };
+                Ok(Err(e)) => {
+                    let outcome = rejection_outcome(&e);
+                    ctx.metrics.association(&outcome);
+                    if outcome == "closed_before_request" {
+                        // Port probes and health checks connect and leave: not worth a warning.
+                        debug!("connection closed before an A-ASSOCIATE-RQ");
+                    } else {
+                        warn!(error = %e, outcome, "association not established");
+                    }
+                    return;
+                }
+                Ok(Ok(a)) => a,
+            };
         Span::current().record("calling_ae", association.peer_ae_title());
         ctx.metrics.association("accepted");
         ctx.metrics.associations_active.inc();
@@ -117,6 +116,67 @@ pub async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// A-ABORT from the service provider, reason "invalid PDU parameter value" (PS3.8 9.3.8).
+const INVALID_PDU_ABORT: [u8; 10] = [0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6];
+
+/// The length the first PDU on `socket` announces, when it is more than `max` (peeked, so
+/// nothing is consumed); `None` when it is not, or when no header arrives before
+/// `deadline` (the negotiation then ends the connection as usual).
+async fn oversized_request(
+    socket: &TcpStream,
+    max: u32,
+    deadline: tokio::time::Instant,
+) -> Option<u32> {
+    let mut header = [0u8; 6];
+    // Bounded: a peer that dribbles its header is looked at every 10 ms until ARTIM.
+    for _ in 0..10_000 {
+        let n = tokio::time::timeout_at(deadline, socket.peek(&mut header))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if n >= 6 {
+            let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
+            return (len > max).then_some(len);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// How the node negotiates an association as SCP (also driven by `crate::fuzz`).
+pub fn server_options(
+    dicom: &crate::config::DicomConfig,
+    access: PeerAccess,
+) -> ServerAssociationOptions<'static, PeerAccess, DefaultNegotiation> {
+    let mut options = ServerAssociationOptions::new()
+        .ae_access_control(access)
+        .ae_title(dicom.ae_title.clone())
+        .max_pdu_length(dicom.max_pdu_length)
+        // Strict: a PDU (the A-ASSOCIATE-RQ included) that declares more than
+        // dicom.max_pdu_length is refused from its 6-byte header. Not strict, dicom-ul
+        // buffers whatever the peer sends until the declared length (up to 4 GiB) has
+        // arrived (issue #18); the refusal is answered with an A-ABORT (`receive_error`).
+        .strict(true)
+        .write_timeout(Duration::from_secs(dicom.idle_timeout_secs))
+        .with_abstract_syntax(sop_classes::VERIFICATION);
+    for uid in sop_classes::STORAGE_SOP_CLASSES {
+        options = options.with_abstract_syntax(*uid);
+    }
+    for uid in sop_classes::QUERY_SOP_CLASSES {
+        options = options.with_abstract_syntax(*uid);
+    }
+    for ts in sop_classes::TRANSFER_SYNTAXES {
+        options = options.with_transfer_syntax(*ts);
+    }
+    options
 }
 
 fn rejection_outcome(e: &dicom_ul::association::Error) -> String {
@@ -184,6 +244,27 @@ async fn finish(association: AsyncServerAssociation<TcpStream>, ending: Ending) 
     }
 }
 
+/// How a failed read ends the association: a PDU that cannot be parsed or is longer
+/// than negotiated is the peer's protocol error and is answered with an A-ABORT; a closed
+/// or broken connection is just closed.
+fn receive_error(e: dicom_ul::association::Error) -> Ending {
+    use dicom_ul::pdu::ReadError;
+    match &e {
+        dicom_ul::association::Error::ReceivePdu { source } => match source {
+            ReadError::ReadPdu { .. } => Ending::Closed(e.to_string()),
+            ReadError::PduTooLarge {
+                pdu_length,
+                max_pdu_length,
+                ..
+            } => Ending::Abort(format!(
+                "PDU of {pdu_length} bytes announced, dicom.max_pdu_length is {max_pdu_length}"
+            )),
+            other => Ending::Abort(format!("malformed PDU: {other}")),
+        },
+        _ => Ending::Closed(e.to_string()),
+    }
+}
+
 struct Handler {
     ctx: Arc<ServiceContext>,
     association: AsyncServerAssociation<TcpStream>,
@@ -240,7 +321,7 @@ impl Handler {
                 };
                 match received {
                     Err(_) => return Ending::Abort("no PDU within dicom.idle_timeout_secs".into()),
-                    Ok(Err(e)) => return Ending::Closed(e.to_string()),
+                    Ok(Err(e)) => return receive_error(e),
                     Ok(Ok(pdu)) => pdu,
                 }
             };

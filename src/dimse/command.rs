@@ -23,6 +23,74 @@ pub enum CommandError {
     Parse(String),
     #[error("command set lacks {0}")]
     Missing(&'static str),
+    /// An element whose header does not fit what follows: checked before anything is
+    /// allocated, since dicom-parser reserves a value's declared length before reading it.
+    #[error("command set is malformed at byte {offset}: {reason}")]
+    Malformed { offset: usize, reason: String },
+}
+
+/// Element header of Implicit VR Little Endian: tag (4 bytes) and length (4 bytes).
+const ELEMENT_HEADER: usize = 8;
+
+/// Check that `bytes` is a flat command set, then parse it.
+///
+/// A command set holds only group 0000 elements, each of defined length (PS3.7 6.3,
+/// E.1), Implicit VR Little Endian. Every declared length is checked against the bytes
+/// that follow before dicom-object reads the set: it allocates each value's declared length
+/// up front, so one corrupted length of a few bytes would otherwise cost gigabytes.
+pub fn read_command_set(bytes: &[u8]) -> Result<InMemDicomObject, CommandError> {
+    check_command_set(bytes)?;
+    let ts = TransferSyntaxRegistry
+        .get(IMPLICIT_VR_LE)
+        .ok_or_else(|| CommandError::Parse("implicit VR little endian unavailable".into()))?;
+    InMemDicomObject::read_dataset_with_ts(bytes, ts)
+        .map_err(|e| CommandError::Parse(e.to_string()))
+}
+
+/// The structural check of [`read_command_set`]: every element of group 0000, of defined
+/// length, and no longer than the bytes left.
+pub fn check_command_set(bytes: &[u8]) -> Result<(), CommandError> {
+    let malformed = |offset: usize, reason: String| CommandError::Malformed { offset, reason };
+    if bytes.is_empty() {
+        return Err(malformed(0, "empty command set".into()));
+    }
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let header = bytes
+            .get(at..at + ELEMENT_HEADER)
+            .ok_or_else(|| malformed(at, "truncated element header".into()))?;
+        let group = u16::from_le_bytes([header[0], header[1]]);
+        let element = u16::from_le_bytes([header[2], header[3]]);
+        let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if group != 0x0000 {
+            return Err(malformed(
+                at,
+                format!("element ({group:04X},{element:04X}) is not a command element"),
+            ));
+        }
+        let remaining = bytes.len() - at - ELEMENT_HEADER;
+        if len == u32::MAX {
+            return Err(malformed(
+                at,
+                format!("element (0000,{element:04X}) has undefined length"),
+            ));
+        }
+        crate::store::inspect::check_value_length(
+            crate::store::inspect::implicit_vr((group, element)),
+            len,
+        )
+        .map_err(|why| malformed(at, format!("element (0000,{element:04X}) {why}")))?;
+        if len as usize > remaining {
+            return Err(malformed(
+                at,
+                format!(
+                    "element (0000,{element:04X}) claims {len} bytes but only {remaining} remain"
+                ),
+            ));
+        }
+        at += ELEMENT_HEADER + len as usize;
+    }
+    Ok(())
 }
 
 /// The fields of a request command set that this node acts on.
@@ -37,11 +105,7 @@ pub struct Request {
 
 impl Request {
     pub fn parse(bytes: &[u8]) -> Result<Request, CommandError> {
-        let ts = TransferSyntaxRegistry
-            .get(IMPLICIT_VR_LE)
-            .ok_or_else(|| CommandError::Parse("implicit VR little endian unavailable".into()))?;
-        let obj = InMemDicomObject::read_dataset_with_ts(bytes, ts)
-            .map_err(|e| CommandError::Parse(e.to_string()))?;
+        let obj = read_command_set(bytes)?;
         let int = |tag: Tag, name: &'static str| -> Result<u16, CommandError> {
             obj.element(tag)
                 .map_err(|_| CommandError::Missing(name))?
@@ -179,5 +243,112 @@ mod tests {
     fn garbage_command_is_an_error() {
         assert!(Request::parse(&[1, 2, 3, 4, 5]).is_err());
         assert!(Request::parse(&[]).is_err());
+    }
+
+    fn echo_rq() -> Vec<u8> {
+        let rq = Request {
+            command_field: C_ECHO_RQ,
+            message_id: 1,
+            affected_sop_class_uid: Some("1.2.840.10008.1.1".into()),
+            affected_sop_instance_uid: None,
+            has_dataset: false,
+        };
+        // A response has the same shape as a request for this check.
+        encode_response(&rq, &Status::success())
+    }
+
+    /// Element offsets of a flat Implicit VR LE command set.
+    fn element_offsets(bytes: &[u8]) -> Vec<usize> {
+        let mut out = vec![];
+        let mut at = 0;
+        while at + 8 <= bytes.len() {
+            out.push(at);
+            at += 8 + u32::from_le_bytes([
+                bytes[at + 4],
+                bytes[at + 5],
+                bytes[at + 6],
+                bytes[at + 7],
+            ]) as usize;
+        }
+        out
+    }
+
+    /// Regression (issue #18): a C-STORE-RQ whose command element lengths were corrupted
+    /// made dicom-object reserve (and zero) the declared length, hundreds of megabytes for a
+    /// 608-byte stream. Every corrupted length is now refused before anything is read.
+    #[test]
+    fn corrupted_element_lengths_are_refused_before_allocation() {
+        let good = echo_rq();
+        assert!(read_command_set(&good).is_ok());
+        for at in element_offsets(&good) {
+            for len in [
+                0x3000_0000u32,
+                0x7FFF_FFFF,
+                0xFFFF_FFFE,
+                u32::MAX,
+                good.len() as u32,
+            ] {
+                let mut bad = good.clone();
+                bad[at + 4..at + 8].copy_from_slice(&len.to_le_bytes());
+                match check_command_set(&bad) {
+                    Err(CommandError::Malformed { offset, .. }) => assert!(offset <= at),
+                    other => panic!("length {len:#x} at {at}: {other:?}"),
+                }
+                assert!(Request::parse(&bad).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn elements_outside_group_0000_or_truncated_are_refused() {
+        let mut bad = echo_rq();
+        bad[0] = 0x08;
+        assert!(matches!(
+            check_command_set(&bad),
+            Err(CommandError::Malformed { .. })
+        ));
+        let good = echo_rq();
+        for cut in 1..good.len() {
+            // Every cut inside an element is refused; a cut at a boundary leaves a shorter
+            // but well-formed set.
+            let boundary = element_offsets(&good).contains(&cut);
+            assert_eq!(
+                check_command_set(&good[..cut]).is_ok(),
+                boundary,
+                "cut at {cut}"
+            );
+        }
+    }
+
+    /// Regression (issue #18, found by `tests/fuzz.rs`): a 173-byte command set whose group
+    /// length (UL) declares 127 bytes. dicom-parser reads 31 values (124 bytes), leaves 3,
+    /// reads the next headers out of phase and reserved 493 MB for a value; lengths of
+    /// binary VRs must now hold whole values.
+    #[test]
+    fn a_binary_value_length_that_is_not_whole_values_is_refused() {
+        let hex = [
+        "000000007f000000380000000000020012000000312e322e3834302e31303030382e312e310000000001020000003000",
+        "000010010200000001000000000802000000000000312e322e3834302e31303030382e352e312e342e312e312e320000",
+        "000001020000000100000010010200000002000000000702000000000000000008020000000000000000101e00000031",
+        "2e322e3832362e302e312e333638303034332e382e3439382e312e3100",
+        ]
+        .concat();
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        assert_eq!(bytes.len(), 173);
+        match check_command_set(&bytes) {
+            Err(CommandError::Malformed { offset: 0, reason }) => {
+                assert!(reason.contains("not a multiple of 4"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // A US of 3 bytes, anywhere.
+        let mut good = echo_rq();
+        let at = element_offsets(&good)[2];
+        good[at + 4] = 3;
+        good.insert(at + 8, 0);
+        assert!(check_command_set(&good).is_err());
     }
 }

@@ -23,6 +23,8 @@ use super::{association, ServiceContext};
 
 /// At most this many over-limit connections are answered at once; more are just closed.
 const MAX_PENDING_REJECTIONS: usize = 64;
+/// Longest A-ASSOCIATE-RQ read from a connection that is rejected for the limit.
+const MAX_REJECTED_REQUEST: u32 = 64 * 1024;
 
 pub struct Listener {
     listener: TcpListener,
@@ -106,8 +108,14 @@ async fn reject_over_limit(mut socket: TcpStream, peer: SocketAddr, ctx: &Servic
     warn!(%peer, limit = ctx.config.dicom.max_associations, "association limit reached; rejecting (transient)");
     let artim = Duration::from_secs(ctx.config.dicom.artim_timeout_secs);
     let mut buf = bytes::BytesMut::with_capacity(16 * 1024);
-    let read =
-        dicom_ul::association::read_pdu_from_wire_async(&mut socket, &mut buf, 1 << 20, false);
+    // Strict: a request announcing more than 64 KiB is refused from its header instead of
+    // being buffered while it arrives (issue #18).
+    let read = dicom_ul::association::read_pdu_from_wire_async(
+        &mut socket,
+        &mut buf,
+        MAX_REJECTED_REQUEST,
+        true,
+    );
     match tokio::time::timeout(artim, read).await {
         Ok(Ok(Pdu::AssociationRQ(_))) => {}
         _ => return,

@@ -189,7 +189,7 @@ fn read_dataset_json(path: &Path) -> Result<DatasetJson, EvalError> {
     Ok(json)
 }
 
-fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Vec<Row>, EvalError> {
+pub(crate) fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Vec<Row>, EvalError> {
     let mut reader = csv::Reader::from_reader(bytes);
     let mut rows = Vec::new();
     for (i, record) in reader.deserialize::<Row>().enumerate() {

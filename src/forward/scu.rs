@@ -11,9 +11,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use dicom_core::Tag;
-use dicom_encoding::TransferSyntaxIndex;
-use dicom_object::InMemDicomObject;
-use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use dicom_ul::association::client::ClientAssociationOptions;
 use dicom_ul::association::AsyncClientAssociation;
 use dicom_ul::pdu::{AssociationRJResult, PresentationContextResultReason};
@@ -293,7 +290,9 @@ impl Association {
             .calling_ae_title(peer.calling_ae_title.clone())
             .called_ae_title(peer.ae_title.clone())
             .max_pdu_length(max_pdu_length)
-            .strict(false)
+            // Strict: a PDU longer than our maximum is refused from its header, not buffered
+            // until its announced length (up to 4 GiB) has arrived (issue #18).
+            .strict(true)
             .connection_timeout(timeouts.connect)
             .read_timeout(timeouts.dimse)
             .write_timeout(timeouts.dimse);
@@ -559,10 +558,8 @@ pub fn store_rq(message_id: u16, sop_class: &str, sop_instance_uid: &str) -> Vec
 }
 
 fn parse_response(bytes: &[u8], message_id: u16) -> Result<StoreResponse, ScuError> {
-    let ts = TransferSyntaxRegistry
-        .get(IMPLICIT_VR_LE)
-        .ok_or_else(|| ScuError::BadResponse("implicit VR little endian unavailable".into()))?;
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, ts)
+    // Lengths checked against the bytes before anything is allocated (issue #18).
+    let obj = crate::dimse::command::read_command_set(bytes)
         .map_err(|e| ScuError::BadResponse(e.to_string()))?;
     let int = |element: u16, name: &str| -> Result<u16, ScuError> {
         obj.element(Tag(0x0000, element))
@@ -596,6 +593,9 @@ fn parse_response(bytes: &[u8], message_id: u16) -> Result<StoreResponse, ScuErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dicom_encoding::TransferSyntaxIndex;
+    use dicom_object::InMemDicomObject;
+    use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
     #[test]
     fn statuses_are_sorted_on_purpose() {

@@ -143,7 +143,9 @@ impl QrAssociation {
             .calling_ae_title(peer.calling_ae_title.clone())
             .called_ae_title(peer.ae_title.clone())
             .max_pdu_length(max_pdu_length)
-            .strict(false)
+            // Strict: a PDU longer than our maximum is refused from its header, not buffered
+            // until its announced length (up to 4 GiB) has arrived (issue #18).
+            .strict(true)
             .connection_timeout(timeouts.connect)
             .read_timeout(timeouts.dimse)
             .write_timeout(timeouts.dimse)
@@ -641,6 +643,13 @@ pub fn decode(bytes: &[u8], ts_uid: &str) -> Result<InMemDicomObject, QrError> {
     let ts = TransferSyntaxRegistry
         .get(ts_uid)
         .ok_or_else(|| QrError::Protocol(format!("transfer syntax {ts_uid} unknown")))?;
+    // Every length checked against the bytes before dicom-object allocates it (issue #18).
+    if ts.endianness() == dicom_encoding::transfer_syntax::Endianness::Little
+        && ts_uid != "1.2.840.10008.1.2.1.99"
+    {
+        crate::dimse::find::identifier::check_structure(bytes, ts_uid != IMPLICIT_VR_LE)
+            .map_err(|e| QrError::Protocol(format!("an identifier cannot be parsed: {e}")))?;
+    }
     InMemDicomObject::read_dataset_with_ts(bytes, ts)
         .map_err(|e| QrError::Protocol(format!("an identifier cannot be parsed: {e}")))
 }

@@ -88,7 +88,9 @@ async fn serve(
         .accept_called_ae_title()
         .ae_title(ae_title)
         .max_pdu_length(max_pdu_length)
-        .strict(false)
+        // Strict: a PDU longer than our maximum is refused from its header, not buffered
+        // until its announced length (up to 4 GiB) has arrived (issue #18).
+        .strict(true)
         .write_timeout(idle)
         .with_abstract_syntax(uids::VERIFICATION);
     for class in RETRIEVED_CLASSES {

@@ -143,10 +143,25 @@ struct StreamSource<R> {
     inner: R,
     pos: u64,
     peeked: Option<u8>,
+    /// Most bytes the stream may inflate to.
+    limit: u64,
+}
+
+impl<R> StreamSource<R> {
+    fn check_limit(&self, n: u64) -> io::Result<()> {
+        if self.pos.saturating_add(n) > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the data set inflates beyond {} MiB", self.limit >> 20),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl<R: Read> Source for StreamSource<R> {
     fn read_exact_at_pos(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.check_limit(buf.len() as u64)?;
         let mut start = 0;
         if let (Some(b), Some(first)) = (self.peeked, buf.first_mut()) {
             *first = b;
@@ -158,6 +173,7 @@ impl<R: Read> Source for StreamSource<R> {
         Ok(())
     }
     fn skip(&mut self, n: u64) -> io::Result<()> {
+        self.check_limit(n)?;
         let mut remaining = n;
         if remaining > 0 && self.peeked.take().is_some() {
             remaining -= 1;
@@ -211,11 +227,27 @@ fn encoding_of(ts_uid: &str) -> Option<(Encoding, bool)> {
     }
 }
 
+/// A deflated data set may inflate to this much whatever its size…
+const INFLATED_FLOOR: u64 = 64 << 20;
+/// …and to this many times its deflated size beyond that (CT deflates 2–4 times). A few
+/// megabytes of zeros inflate to gigabytes, which dicom-object would hold in memory when
+/// the classifier opens the file (issue #18).
+const INFLATION_RATIO: u64 = 32;
+
 /// Inspect the data set stored in `file` from byte `offset` to its end.
 pub fn inspect_file<R: Read + Seek>(
+    file: R,
+    offset: u64,
+    ts_uid: &str,
+) -> Result<DatasetSummary, InspectError> {
+    inspect_with(file, offset, ts_uid, INFLATED_FLOOR)
+}
+
+fn inspect_with<R: Read + Seek>(
     mut file: R,
     offset: u64,
     ts_uid: &str,
+    inflated_floor: u64,
 ) -> Result<DatasetSummary, InspectError> {
     let (encoding, deflated) = encoding_of(ts_uid)
         .ok_or_else(|| InspectError::UnsupportedTransferSyntax(ts_uid.to_string()))?;
@@ -229,6 +261,10 @@ pub fn inspect_file<R: Read + Seek>(
                 inner: inflater,
                 pos: 0,
                 peeked: None,
+                limit: end
+                    .saturating_sub(offset)
+                    .saturating_mul(INFLATION_RATIO)
+                    .max(inflated_floor),
             },
             encoding,
         );
@@ -316,9 +352,16 @@ impl<S: Source> Walker<S> {
         let element = u16::from_le_bytes([raw[2], raw[3]]);
         if group == 0xFFFE || encoding == Encoding::ImplicitLe {
             let len = u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]]);
+            // Implicit VR: the VR dicom-parser will give it (a sequence of defined length
+            // is walked, not skipped, as the parser will read its items).
+            let vr = if group == 0xFFFE {
+                *b"  "
+            } else {
+                implicit_vr((group, element))
+            };
             return Ok(Header {
                 tag: (group, element),
-                vr: *b"  ",
+                vr,
                 len,
             });
         }
@@ -429,6 +472,7 @@ impl<S: Source> Walker<S> {
             self.check_fits(u64::from(h.len), &name)?;
             return self.walk_sequence(Some(limit), depth, encoding);
         }
+        check_value_length(h.vr, h.len).map_err(|why| self.malformed(format!("{name} {why}")))?;
         if depth == 0 && is_summary_tag(h.tag) {
             if h.len > MAX_SUMMARY_VALUE {
                 return Err(self.malformed(format!("{name} is {} bytes long", h.len)));
@@ -616,24 +660,71 @@ fn is_summary_tag(tag: (u16, u16)) -> bool {
     )
 }
 
+/// The VR dicom-parser gives an element in Implicit VR Little Endian: OW for Pixel Data
+/// and Overlay Data, the dictionary's for the rest, UN for what it does not know.
+pub fn implicit_vr(tag: (u16, u16)) -> [u8; 2] {
+    use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry};
+    if tag == PIXEL_DATA || (tag.0 >> 8 == 0x60 && tag.1 == 0x3000) {
+        return *b"OW";
+    }
+    let vr = dicom_dictionary_std::StandardDataDictionary
+        .by_tag(dicom_core::Tag(tag.0, tag.1))
+        .map(|e| e.vr().relaxed())
+        .unwrap_or(dicom_core::VR::UN);
+    let name = vr.to_string().as_bytes();
+    [name[0], name[1]]
+}
+
+/// Bytes per value of a binary VR (1 for the others).
+pub fn value_size(vr: [u8; 2]) -> u32 {
+    match &vr {
+        b"US" | b"SS" | b"OW" => 2,
+        b"UL" | b"SL" | b"FL" | b"AT" | b"OF" | b"OL" => 4,
+        b"FD" | b"OD" | b"SV" | b"UV" | b"OV" => 8,
+        _ => 1,
+    }
+}
+
+/// A defined length of a binary VR must hold whole values: dicom-parser reads
+/// `len / size` values and leaves the remainder unread, so from there on it reads element
+/// headers out of phase with every walker that skips `len` bytes, and takes value bytes for
+/// lengths (issue #18: 493 MB from a 173-byte command set).
+pub fn check_value_length(vr: [u8; 2], len: u32) -> Result<(), String> {
+    let size = value_size(vr);
+    if len != UNDEFINED && len % size != 0 {
+        return Err(format!(
+            "is {} with a length of {len}, not a multiple of {size}",
+            String::from_utf8_lossy(&vr)
+        ));
+    }
+    Ok(())
+}
+
 /// PS3.5 7.1.2: VRs whose explicit encoding has a reserved field and a 32-bit length.
+///
+/// A VR the standard does not define counts as UN, as dicom-parser reads it (reserved
+/// field and 32-bit length): the structure checks here must agree with the parser that
+/// reads the same bytes afterwards, or a 16-bit length they skip becomes a 32-bit length
+/// it allocates (issue #18: two uppercase letters such as `PJ` turned `DOE*` into a
+/// 709 MB value).
 pub fn has_long_length(vr: [u8; 2]) -> bool {
-    matches!(
-        &vr,
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"SV"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"UV"
-    )
+    dicom_core::VR::from_binary(vr).is_none()
+        || matches!(
+            &vr,
+            b"OB"
+                | b"OD"
+                | b"OF"
+                | b"OL"
+                | b"OV"
+                | b"OW"
+                | b"SQ"
+                | b"SV"
+                | b"UC"
+                | b"UN"
+                | b"UR"
+                | b"UT"
+                | b"UV"
+        )
 }
 
 #[cfg(test)]
@@ -752,6 +843,25 @@ mod tests {
         assert!(inspect_file(Cursor::new(cut.to_vec()), 0, "1.2.840.10008.1.2.1.99").is_err());
     }
 
+    /// Regression (issue #18): a deflate bomb (a few KiB announcing and holding megabytes
+    /// of one value) is refused once it inflates beyond its bound.
+    #[test]
+    fn a_deflate_bomb_is_refused() {
+        use flate2::{write::DeflateEncoder, Compression};
+        use std::io::Write;
+        let mut d = Vec::new();
+        el_explicit(&mut d, 0x0008, 0x0060, b"CT", b"CT");
+        el_explicit(&mut d, 0x0009, 0x1010, b"OB", &vec![0u8; 4 << 20]);
+        let mut enc = DeflateEncoder::new(Vec::new(), Compression::fast());
+        enc.write_all(&d).unwrap();
+        let bomb = enc.finish().unwrap();
+        assert!(bomb.len() < 64 << 10, "{} bytes", bomb.len());
+        let ts = "1.2.840.10008.1.2.1.99";
+        let err = inspect_with(Cursor::new(bomb.clone()), 0, ts, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("inflates beyond"), "{err}");
+        assert!(inspect_with(Cursor::new(bomb), 0, ts, 8 << 20).is_ok());
+    }
+
     #[test]
     fn encapsulated_pixel_data_must_be_closed() {
         let mut d = Vec::new();
@@ -785,5 +895,46 @@ mod tests {
         el(&mut d, 0x0020, 0x000D, b"1.5\0");
         let s = inspect_file(Cursor::new(d), 0, "1.2.840.10008.1.2").expect("valid");
         assert_eq!(s.study_uid.as_deref(), Some("1.5"));
+    }
+
+    /// Regression (issue #18): an unknown VR is walked as dicom-parser reads it (UN, 32-bit
+    /// length), so a stored file never announces to the pixel path a length it does not hold.
+    #[test]
+    fn an_unknown_vr_has_a_32_bit_length() {
+        let mut d = Vec::new();
+        el_explicit(&mut d, 0x0008, 0x0060, b"CS", b"CT");
+        d.extend_from_slice(&[0x10, 0, 0x10, 0, b'P', b'J', 4, 0]);
+        d.extend_from_slice(b"DOE*");
+        let err = inspect_file(std::io::Cursor::new(&d), 0, "1.2.840.10008.1.2.1").unwrap_err();
+        assert!(matches!(err, InspectError::Malformed { .. }), "{err}");
+    }
+
+    /// Regression (issue #18): an Implicit VR sequence of defined length is walked (it was
+    /// skipped, while dicom-object parses its items when the classifier opens the file), and
+    /// a binary value must hold whole values.
+    #[test]
+    fn implicit_defined_length_sequences_and_partial_values_are_checked() {
+        let implicit = |out: &mut Vec<u8>, g: u16, e: u16, value: &[u8]| {
+            out.extend_from_slice(&g.to_le_bytes());
+            out.extend_from_slice(&e.to_le_bytes());
+            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            out.extend_from_slice(value);
+        };
+        // An item holding an element that announces 3 GB.
+        let mut item = Vec::new();
+        item.extend_from_slice(&[0x08, 0, 0x50, 0x11, 0, 0, 0, 0xC0]);
+        let mut seq = Vec::new();
+        implicit(&mut seq, 0xFFFE, 0xE000, &item);
+        let mut d = Vec::new();
+        implicit(&mut d, 0x0008, 0x0060, b"CT");
+        implicit(&mut d, 0x0008, 0x1115, &seq);
+        let err = inspect_file(Cursor::new(&d), 0, "1.2.840.10008.1.2").unwrap_err();
+        assert!(matches!(err, InspectError::Malformed { .. }), "{err}");
+
+        let mut d = Vec::new();
+        implicit(&mut d, 0x0008, 0x0060, b"CT");
+        implicit(&mut d, 0x0028, 0x0010, &[1, 0, 0]);
+        let err = inspect_file(Cursor::new(&d), 0, "1.2.840.10008.1.2").unwrap_err();
+        assert!(err.to_string().contains("not a multiple of 2"), "{err}");
     }
 }

@@ -231,6 +231,144 @@ fn multipart_error(e: multer::Error, part: usize, boundary: &str) -> WebError {
     }
 }
 
+/// Longest header block of one part (from its delimiter to the blank line). multer
+/// buffers a part's headers until the blank line, so without this bound one part whose
+/// headers never end would be held in memory up to `http.stow_max_mb` (issue #18).
+pub const MAX_PART_HEADERS: usize = 16 * 1024;
+
+/// Watches a multipart body as it streams: after each delimiter (`CRLF--boundary`), the
+/// part's headers must end (CRLF CRLF) within [`MAX_PART_HEADERS`] bytes.
+struct PartHeaderBound {
+    /// `\r\n--boundary`
+    delimiter: Vec<u8>,
+    /// KMP failure function of `delimiter`.
+    fail: Vec<usize>,
+    matched: usize,
+    state: BoundState,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum BoundState {
+    /// In a part's content (or the preamble), looking for a delimiter.
+    Body,
+    /// Right after a delimiter (`first`: the byte after it, once seen): `--` here closes
+    /// the body.
+    AfterDelimiter { first: Option<u8> },
+    /// In a part's headers: bytes so far, and how much of CRLF CRLF was just seen.
+    Headers { bytes: usize, end: u8 },
+    /// After the close delimiter: the epilogue, ignored.
+    Epilogue,
+}
+
+impl PartHeaderBound {
+    fn new(boundary: &str) -> Self {
+        let delimiter: Vec<u8> = [b"\r\n--".as_slice(), boundary.as_bytes()].concat();
+        let mut fail = vec![0; delimiter.len()];
+        let mut k = 0;
+        for i in 1..delimiter.len() {
+            while k > 0 && delimiter[i] != delimiter[k] {
+                k = fail[k - 1];
+            }
+            if delimiter[i] == delimiter[k] {
+                k += 1;
+            }
+            fail[i] = k;
+        }
+        let mut bound = PartHeaderBound {
+            delimiter,
+            fail,
+            matched: 0,
+            state: BoundState::Body,
+        };
+        // The first delimiter may open the body, without the CRLF before it.
+        let _ = bound.feed(b"\r\n");
+        bound
+    }
+
+    fn feed(&mut self, chunk: &[u8]) -> Result<(), String> {
+        for &b in chunk {
+            self.state = match self.state {
+                BoundState::Body => {
+                    while self.matched > 0 && self.delimiter[self.matched] != b {
+                        self.matched = self.fail[self.matched - 1];
+                    }
+                    if self.delimiter[self.matched] == b {
+                        self.matched += 1;
+                    }
+                    if self.matched == self.delimiter.len() {
+                        self.matched = 0;
+                        BoundState::AfterDelimiter { first: None }
+                    } else {
+                        BoundState::Body
+                    }
+                }
+                BoundState::AfterDelimiter { first: None } => {
+                    BoundState::AfterDelimiter { first: Some(b) }
+                }
+                BoundState::AfterDelimiter { first: Some(b'-') } if b == b'-' => {
+                    BoundState::Epilogue
+                }
+                // The line of the delimiter ends with CRLF: half of the CRLF CRLF that ends
+                // the headers.
+                BoundState::AfterDelimiter { first: Some(first) } => BoundState::Headers {
+                    bytes: 2,
+                    end: if first == b'\r' && b == b'\n' {
+                        2
+                    } else {
+                        u8::from(b == b'\r')
+                    },
+                },
+                BoundState::Headers { bytes, end } => {
+                    if bytes > MAX_PART_HEADERS {
+                        return Err(format!(
+                            "the headers of a part are longer than {} KiB",
+                            MAX_PART_HEADERS / 1024
+                        ));
+                    }
+                    let expected = [b'\r', b'\n', b'\r', b'\n'][usize::from(end)];
+                    let end = if b == expected {
+                        end + 1
+                    } else {
+                        u8::from(b == b'\r')
+                    };
+                    if end == 4 {
+                        BoundState::Body
+                    } else {
+                        BoundState::Headers {
+                            bytes: bytes + 1,
+                            end,
+                        }
+                    }
+                }
+                BoundState::Epilogue => return Ok(()),
+            };
+        }
+        Ok(())
+    }
+}
+
+/// `stream` with the headers of every part bounded ([`MAX_PART_HEADERS`]); a longer header
+/// block ends the stream with an error, which multer reports as a failed read.
+pub fn bounded_part_headers<S, B, E>(
+    stream: S,
+    boundary: &str,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>>
+where
+    S: futures_util::Stream<Item = Result<B, E>>,
+    B: Into<bytes::Bytes>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use futures_util::StreamExt;
+    let mut bound = PartHeaderBound::new(boundary);
+    stream.map(move |item| {
+        let chunk: bytes::Bytes = item.map_err(Into::into)?.into();
+        bound
+            .feed(&chunk)
+            .map_err(|why| io::Error::new(io::ErrorKind::InvalidData, why))?;
+        Ok(chunk)
+    })
+}
+
 /// Pass 1: the body into spool files, every part checked to be a PS3.10 file.
 async fn spool(
     state: &WebState,
@@ -251,8 +389,8 @@ async fn spool(
     }
     let constraints =
         multer::Constraints::new().size_limit(multer::SizeLimit::new().whole_stream(limit));
-    let mut multipart =
-        multer::Multipart::with_constraints(body.into_data_stream(), boundary.clone(), constraints);
+    let body = bounded_part_headers(body.into_data_stream(), &boundary);
+    let mut multipart = multer::Multipart::with_constraints(body, boundary.clone(), constraints);
     let dir = state.store.temp_dir().to_path_buf();
     let mut spool = Spool::default();
     loop {
@@ -654,5 +792,35 @@ mod tests {
             with("application/dicom"),
             Err(WebError::UnsupportedMediaType(_))
         ));
+    }
+
+    /// Regression (issue #18): a part whose headers never end was buffered by multer up to
+    /// `http.stow_max_mb`; the stream now fails once they pass 16 KiB.
+    #[test]
+    fn part_headers_are_bounded_while_part_content_is_not() {
+        let boundary = "XyZ";
+        let mut ok = PartHeaderBound::new(boundary);
+        let mut body = b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n".to_vec();
+        body.extend(vec![b'a'; 100_000]);
+        body.extend_from_slice(b"\r\n--XyZ\r\n\r\n");
+        body.extend(vec![b'\n'; 50_000]);
+        body.extend_from_slice(b"\r\n--XyZ--\r\n");
+        body.extend(vec![b'e'; 50_000]);
+        for chunk in body.chunks(7) {
+            ok.feed(chunk)
+                .expect("content and epilogue are not headers");
+        }
+        let mut bad = PartHeaderBound::new(boundary);
+        let mut body = b"--XyZ\r\nContent-Type: application/dicom\r\nX-Junk: ".to_vec();
+        body.extend(vec![b'h'; MAX_PART_HEADERS + 10]);
+        let failed = body.chunks(1000).any(|c| bad.feed(c).is_err());
+        assert!(failed, "headers past 16 KiB are refused");
+        // A delimiter split across chunks is still seen.
+        let mut split = PartHeaderBound::new(boundary);
+        let mut body = b"preamble\r\n--X".to_vec();
+        split.feed(&body).unwrap();
+        body = b"yZ\r\nA: b".to_vec();
+        body.extend(vec![b'h'; MAX_PART_HEADERS + 10]);
+        assert!(split.feed(&body).is_err());
     }
 }

@@ -184,7 +184,12 @@ level = "info,anatomy_node=debug"
             .append(true)
             .open(&self.log_path)
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_anatomy-node"))
+        // ANATOMY_TEST_NODE_BIN: another build of the node (e.g. an older commit, to measure
+        // a figure before a fix); default: this build's binary.
+        let bin = std::env::var_os("ANATOMY_TEST_NODE_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_anatomy-node")));
+        let child = Command::new(bin)
             .args(["serve", "--config"])
             .arg(&self.config_path)
             .env_remove("RUST_LOG")

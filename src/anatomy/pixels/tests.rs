@@ -451,6 +451,28 @@ fn corrupt_rle_is_reported_not_panicked() {
     );
 }
 
+/// Regression (issue #18): Rows × Columns announcing 65535 × 65535 (8 GiB per frame) over a
+/// few bytes of RLE is refused before a decoder sizes its output buffer from them.
+#[test]
+fn frames_larger_than_any_ct_are_refused_before_decoding() {
+    let mut obj = encapsulated(RLE, vec![vec![1, 0, 0, 0, 64, 0, 0, 0]]);
+    obj.put(DataElement::new(
+        tags::ROWS,
+        VR::US,
+        PrimitiveValue::from(65535u16),
+    ));
+    obj.put(DataElement::new(
+        tags::COLUMNS,
+        VR::US,
+        PrimitiveValue::from(65535u16),
+    ));
+    let err = hu_frames_of(obj).err();
+    assert!(
+        matches!(err, Some(PixelErrorKind::UnsupportedImage(ref why)) if why.contains("65535 × 65535")),
+        "{err:?}"
+    );
+}
+
 #[test]
 fn rle_split_over_fragments_is_regrouped() {
     // 2×2 signed 16-bit image, two segments (high bytes, low bytes), literal runs.

@@ -132,7 +132,7 @@ fn read(bytes: &[u8], ts_uid: &str) -> Result<InMemDicomObject, IdentifierError>
 /// sequences may nest at most [`MAX_DEPTH`] deep. dicom-object allocates a value's
 /// announced length before reading it and recurses once per nested sequence, so both are
 /// bounded here, following the same rules it uses to tell sequences from values.
-fn check_structure(bytes: &[u8], explicit: bool) -> Result<(), String> {
+pub fn check_structure(bytes: &[u8], explicit: bool) -> Result<(), String> {
     let mut pos = 0;
     scan_dataset(bytes, &mut pos, bytes.len(), false, explicit, 0)
 }
@@ -250,6 +250,13 @@ fn scan_dataset(
         } else if h.len == UNDEFINED {
             scan_fragments(b, pos, end, h.tag)?;
         } else {
+            let vr = if explicit {
+                h.vr
+            } else {
+                crate::store::inspect::implicit_vr((h.tag.group(), h.tag.element()))
+            };
+            crate::store::inspect::check_value_length(vr, h.len)
+                .map_err(|why| format!("{} {why}", h.tag))?;
             skip(pos, h.len, end, h.tag)?;
         }
     }
@@ -716,5 +723,56 @@ mod tests {
             EXPLICIT_VR_LE,
         );
         assert_eq!(check_structure(&ok, true), Ok(()));
+    }
+
+    /// Regression (issue #18, found by `tests/fuzz.rs`): an element with an unknown VR of
+    /// two uppercase letters passed the structure check with a 16-bit length, while
+    /// dicom-parser reads it as UN with a 32-bit length and allocated the 709 MB that the
+    /// next four bytes ("DOE*") announced.
+    #[test]
+    fn an_unknown_vr_is_checked_as_dicom_parser_reads_it() {
+        let mut bytes = Vec::new();
+        // (0008,0052) CS "STUDY "
+        bytes.extend_from_slice(&[0x08, 0, 0x52, 0, b'C', b'S', 6, 0]);
+        bytes.extend_from_slice(b"STUDY ");
+        // (0010,0010) "PJ" (no such VR), 16-bit length 4, value "DOE*"
+        bytes.extend_from_slice(&[0x10, 0, 0x10, 0, b'P', b'J', 4, 0]);
+        bytes.extend_from_slice(b"DOE*");
+        bytes.extend_from_slice(&[0x10, 0, 0x20, 0, b'L', b'O', 6, 0]);
+        bytes.extend_from_slice(b"12345 ");
+        assert!(check_structure(&bytes, true).is_err());
+        assert!(matches!(
+            parse(&bytes, EXPLICIT_VR_LE, Model::StudyRoot),
+            Err(IdentifierError::Unparseable(_))
+        ));
+    }
+
+    /// Regression (issue #18, found by `tests/fuzz.rs`): a US value of 3 bytes. dicom-parser
+    /// reads one value and leaves a byte, then takes value bytes for the next length (a
+    /// 4 GiB allocation that aborted the process).
+    #[test]
+    fn a_binary_value_of_partial_length_is_refused() {
+        for explicit in [true, false] {
+            let mut bytes = Vec::new();
+            // (0008,0052) CS "STUDY "
+            bytes.extend_from_slice(&[0x08, 0, 0x52, 0]);
+            if explicit {
+                bytes.extend_from_slice(&[b'C', b'S', 6, 0]);
+            } else {
+                bytes.extend_from_slice(&[6, 0, 0, 0]);
+            }
+            bytes.extend_from_slice(b"STUDY ");
+            // (0020,1206) Number of Study Related Series is IS; (0028,0010) Rows is US
+            bytes.extend_from_slice(&[0x28, 0, 0x10, 0]);
+            if explicit {
+                bytes.extend_from_slice(&[b'U', b'S', 3, 0]);
+            } else {
+                bytes.extend_from_slice(&[3, 0, 0, 0]);
+            }
+            bytes.extend_from_slice(&[1, 0, 0x20]);
+            bytes.extend_from_slice(&[0x00, 0x0D, b'U', b'I', 0xFF, 0xFF, 0xFF, 0xF0]);
+            let err = check_structure(&bytes, explicit).unwrap_err();
+            assert!(err.contains("not a multiple of 2"), "{err}");
+        }
     }
 }
