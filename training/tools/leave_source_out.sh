@@ -43,7 +43,7 @@ train_one() {  # train_one OUT NAME: the shipped recipe on OUT/dataset.npz, test
     "$PY" -m training train --data "$out/dataset.npz" --out "$out/train" --device "$DEVICE" \
         "${SHIPPED_TRAIN_ARGS[@]}" ${EXTRA_TRAIN_ARGS:-} --model-version "lso-without-$name" > "$out/train.log" 2>&1
     echo "== without $name: test = $name alone"
-    grep -A8 "^test (calibrated)" "$out/train.log" || grep "test" "$out/train.log" | tail -3
+    grep -A8 "^test (calibrated)" "$out/train.log" || grep "test" "$out/train.log" | tail -3 || true
 }
 
 if [ "${1:-}" != "--all-folders" ]; then
@@ -108,6 +108,6 @@ for slug in "${wanted[@]}"; do
     # split lives in the .npz only); the other rows are the run's own training patients.
     "$ANATOMY_NODE" eval --model "$out/model.onnx" --dataset "$COMBINED/dataset" --split all \
         --groups "$SOURCES" --out "$out/eval" --device cpu > "$out/eval.log" 2>&1
-    grep -F "${NAME_OF[$slug]}" "$out/eval.log" | head -1
+    grep -F "${NAME_OF[$slug]}" "$out/eval.log" | head -1 || true
 done
 "$PY" training/tools/lso_table.py "$RUN" "${wanted[@]}"
