@@ -1456,13 +1456,28 @@ fn grouping_problems_name_the_file_line_and_column() {
     );
     assert_eq!(m["groups"]["scored_groups"], 2);
 
-    // an empty group, a case in two groups, a short row
+    // an empty group cell is a group of its own
+    let blank = setup.out("blank.csv");
+    std::fs::write(
+        &blank,
+        "case_id,source\npatient-a,Alpha\npatient-b,\npatient-c,\n",
+    )
+    .expect("csv");
+    let (m, _) = eval(
+        &setup.model,
+        &dataset,
+        &setup.out("blank"),
+        &["--split", "all", "--groups", blank.to_str().expect("utf-8")],
+    );
+    assert_eq!(group(&m, "(no source)")["patients"], 2);
+
+    // an empty key, a case in two groups, a short row
     let bad = setup.out("bad.csv");
     let bad_path = bad.to_str().expect("utf-8");
     for (text, expected) in [
         (
-            "case_id,source\npatient-a,Alpha\npatient-b,\n",
-            "line 3, column `source`: empty",
+            "case_id,source\npatient-a,Alpha\n,B\n",
+            "line 3, column `case_id`: empty",
         ),
         (
             "case_id,source\npatient-a,Alpha\npatient-b,B\npatient-a,B\n",

@@ -115,22 +115,27 @@ impl Grouping {
                 problem(path, format!("line {line}: {e}"))
             })?;
             let line = record.position().map_or(0, |p| p.line());
-            let field = |index: usize, name: &str| -> Result<String, EvalError> {
-                let value = record.get(index).unwrap_or("").trim();
-                if value.is_empty() {
-                    return Err(problem(
-                        path,
-                        format!("line {line}, column `{name}`: empty (every case needs a value)"),
-                    ));
-                }
-                Ok(value.to_string())
-            };
-            let key = field(key_index, &options.key)?;
+            let value = |index: usize| record.get(index).unwrap_or("").trim();
+            let key = value(key_index).to_string();
+            if key.is_empty() {
+                return Err(problem(
+                    path,
+                    format!(
+                        "line {line}, column `{}`: empty (every row needs a case id or patient key)",
+                        options.key
+                    ),
+                ));
+            }
+            // an empty group cell (e.g. no scanner model in an anonymised header) is a value
+            // of its own, named after the column
             let group = group_indices
                 .iter()
                 .zip(&options.by)
-                .map(|(&i, name)| field(i, name))
-                .collect::<Result<Vec<_>, _>>()?
+                .map(|(&i, name)| match value(i) {
+                    "" => format!("(no {name})"),
+                    v => v.to_string(),
+                })
+                .collect::<Vec<_>>()
                 .join(JOIN);
             for lookup in [key.clone(), patient_key(&key)] {
                 if let Some((_, earlier, earlier_line)) = by_key.get(&lookup) {
@@ -578,7 +583,8 @@ mod tests {
 
     #[test]
     fn case_ids_and_patient_keys_both_match() {
-        let text = "case_id,source,model\nokbp-pt1,OpenKBP,A\nk-direct,Mined,B\n";
+        let text =
+            "case_id,source,model\nokbp-pt1,OpenKBP,A\nk-direct,Mined,B\nokbp-pt2,OpenKBP,\n";
         let g = Grouping::parse(&options("case_id", &["source", "model"]), text.as_bytes())
             .expect("valid");
         assert_eq!(
@@ -587,7 +593,14 @@ mod tests {
         );
         assert_eq!(g.lookup("k-direct"), Some(("k-direct", "Mined / B")));
         assert_eq!(g.lookup("nobody"), None);
-        assert_eq!(g.order, ["OpenKBP / A", "Mined / B"]);
+        assert_eq!(
+            g.lookup(&patient_key("okbp-pt2")).map(|(_, g)| g),
+            Some("OpenKBP / (no model)")
+        );
+        assert_eq!(
+            g.order,
+            ["OpenKBP / A", "Mined / B", "OpenKBP / (no model)"]
+        );
     }
 
     #[test]
@@ -608,8 +621,8 @@ mod tests {
             e.contains("no column `case`") && e.contains("--group-key"),
             "{e}"
         );
-        let e = err("case_id", &["source"], "case_id,source\na,x\nb,\n");
-        assert!(e.contains("line 3, column `source`: empty"), "{e}");
+        let e = err("case_id", &["source"], "case_id,source\na,x\n,y\n");
+        assert!(e.contains("line 3, column `case_id`: empty"), "{e}");
         let e = err("case_id", &["source"], "case_id,source\na,x\nb,y\na,y\n");
         assert!(
             e.contains("line 4, column `case_id`") && e.contains("line 2"),
