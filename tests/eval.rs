@@ -89,6 +89,12 @@ fn quadrant_image(hu: [i32; 4], size: usize) -> Vec<f32> {
 
 /// Writes [`IMAGES`] as a dataset folder of the contract (PNGs, manifest.csv, dataset.json).
 fn write_dataset(dir: &Path) {
+    write_dataset_keyed(dir, &|patient| patient.to_string());
+}
+
+/// [`write_dataset`] with each patient's `patient_key` made by `key` from its name (e.g. as
+/// `dataset build` does from a case id).
+fn write_dataset_keyed(dir: &Path, key: &dyn Fn(&str) -> String) {
     std::fs::create_dir_all(dir.join("images")).expect("mkdir");
     let mut rows = Vec::new();
     for (k, (name, patient, split, label, hu)) in IMAGES.iter().enumerate() {
@@ -96,7 +102,7 @@ fn write_dataset(dir: &Path) {
         write_png(&dir.join(&image), SIZE, &quadrant_image(*hu, SIZE)).expect("png");
         rows.push(ManifestRow {
             image,
-            patient_key: patient.to_string(),
+            patient_key: key(patient),
             study_uid: format!("1.2.3.{}", &patient[8..]),
             series_uid: format!("1.2.3.{}.1", &patient[8..]),
             sop_instance_uid: format!("1.2.3.{}.1.{k}", &patient[8..]),
@@ -1161,4 +1167,342 @@ fn compare_headlines(card: &Value, m: &Value) {
         card["slice"]["images"], m["slice"]["images"],
         "scored images{hint}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Figures per group (--groups)
+
+/// A grouping file laid out like ../shared/data/sources.csv: patient-a alone in `Alpha`,
+/// patient-b and patient-c in a quoted `Beta (TCIA, test)`, a case the dataset lacks.
+const SOURCES: &str = "case_id,folder,source,manufacturer,model
+patient-a,ct,Alpha,GE MEDICAL SYSTEMS,LightSpeed16
+patient-b,ct,\"Beta (TCIA, test)\",SIEMENS,Emotion
+patient-c,ct-extra,\"Beta (TCIA, test)\",GE MEDICAL SYSTEMS,LightSpeed16
+case-not-in-the-dataset,ct,Gamma,Philips,Brilliance
+";
+const BETA: &str = "Beta (TCIA, test)";
+
+/// The tiny dataset with patient keys derived from the patient names as `dataset build`
+/// derives them from case ids, and a grouping file of those case ids.
+fn grouped_setup(setup: &Setup) -> (PathBuf, PathBuf) {
+    let dataset = setup.out("dataset-cases");
+    write_dataset_keyed(&dataset, &|p| anatomy_node::dataset::patient_key(p));
+    let sources = setup.out("sources.csv");
+    std::fs::write(&sources, SOURCES).expect("sources.csv");
+    (dataset, sources)
+}
+
+fn group<'a>(m: &'a Value, name: &str) -> &'a Value {
+    m["groups"]["groups"]
+        .as_array()
+        .expect("groups.groups")
+        .iter()
+        .find(|g| g["group"] == name)
+        .unwrap_or_else(|| panic!("no group {name:?} in {}", m["groups"]))
+}
+
+#[test]
+fn groups_give_figures_per_source_and_class_with_mean_and_worst() {
+    let Some(setup) = Setup::new() else { return };
+    let (dataset, sources) = grouped_setup(&setup);
+    let out = setup.out("groups");
+    let file = sources.to_str().expect("utf-8");
+    let (m, stdout) = eval(
+        &setup.model,
+        &dataset,
+        &out,
+        &["--split", "all", "--groups", file],
+    );
+    let g = &m["groups"];
+    assert_eq!(g["key_column"], "case_id");
+    assert_eq!(g["group_columns"], serde_json::json!(["source"]));
+    // groups in file order; Gamma has no patient in the dataset and is left out
+    let names: Vec<&str> = g["groups"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|g| g["group"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["Alpha", BETA]);
+    // Alpha = patient-a: a1 a2 a5 neck (a5 called pelvis), a3 lungs, a4 ambiguous
+    let alpha = group(&m, "Alpha");
+    assert_eq!(alpha["patients"], 1);
+    assert_eq!(alpha["cases"], serde_json::json!(["patient-a"]));
+    assert_eq!(
+        (alpha["images"].as_u64(), alpha["scored"].as_u64()),
+        (Some(5), Some(4))
+    );
+    assert_eq!(alpha["errors"], 1);
+    close(&alpha["error"], 0.25, 1e-12, "Alpha error");
+    let neck = &alpha["per_class"]["neck"];
+    assert_eq!(
+        (neck["images"].as_u64(), neck["errors"].as_u64()),
+        (Some(3), Some(1))
+    );
+    close(&neck["error"], 1.0 / 3.0, 1e-12, "Alpha neck");
+    assert_eq!(neck["called"], serde_json::json!({"pelvis": 1}));
+    assert_eq!(alpha["per_class"]["lungs"]["errors"], 0);
+    assert!(alpha["per_class"].get("liver").is_none(), "{alpha}");
+    // Beta = patient-b (b2 lungs called liver; b4 legs not a class) + patient-c (c2 neck
+    // called liver, c3 liver called lungs)
+    let beta = group(&m, BETA);
+    assert_eq!(beta["patients"], 2);
+    assert_eq!(beta["cases"], serde_json::json!(["patient-b", "patient-c"]));
+    assert_eq!(
+        (beta["images"].as_u64(), beta["scored"].as_u64()),
+        (Some(7), Some(6))
+    );
+    assert_eq!(beta["errors"], 3);
+    close(&beta["error"], 0.5, 1e-12, "Beta error");
+    let cell = |class: &str| &beta["per_class"][class];
+    assert_eq!(cell("lungs")["called"], serde_json::json!({"liver": 1}));
+    assert_eq!(cell("liver")["called"], serde_json::json!({"lungs": 1}));
+    assert_eq!(cell("liver")["patients"], 2);
+    assert_eq!(
+        (
+            cell("neck")["images"].as_u64(),
+            cell("neck")["errors"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    close(&cell("liver")["error"], 1.0 / 3.0, 1e-12, "Beta liver");
+    // mean and worst over the groups, overall and per class
+    assert_eq!(g["scored_groups"], 2);
+    close(
+        &g["mean_error"],
+        (0.25 + 0.5) / 2.0,
+        1e-12,
+        "mean over groups",
+    );
+    assert_eq!(g["worst"]["group"], BETA);
+    close(&g["worst"]["error"], 0.5, 1e-12, "worst");
+    let pc = &g["per_class_mean"];
+    close(
+        &pc["neck"]["mean_error"],
+        (1.0 / 3.0 + 1.0) / 2.0,
+        1e-12,
+        "neck mean",
+    );
+    assert_eq!(pc["neck"]["worst"]["group"], BETA);
+    close(&pc["lungs"]["mean_error"], 0.25, 1e-12, "lungs mean");
+    assert_eq!(pc["liver"]["groups"], 1);
+    // the overall figures do not change
+    assert_eq!(m["slice"]["errors"], 4);
+    // the summary and groups.csv
+    assert!(stdout.contains("groups:   source of"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("worst 50.00 % ({BETA})")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("neck 1/3 (pelvis 1)"), "{stdout}");
+    assert!(stdout.contains("groups.csv"), "{stdout}");
+    let csv = std::fs::read_to_string(out.join("groups.csv")).expect("groups.csv");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "group,class,patients,images,scored,errors,error,called_instead"
+    );
+    assert!(
+        lines.contains(&"Alpha,all,1,5,4,1,0.250000,pelvis 1"),
+        "{csv}"
+    );
+    assert!(
+        lines.contains(&"Alpha,neck,1,3,3,1,0.333333,pelvis 1"),
+        "{csv}"
+    );
+    assert!(
+        lines.contains(&"\"Beta (TCIA, test)\",all,2,7,6,3,0.500000,liver 2; lungs 1"),
+        "{csv}"
+    );
+    assert_eq!(lines.len(), 1 + 3 + 4, "{csv}");
+
+    // another grouping of the same file: the scanner, two columns joined
+    let (m, _) = eval(
+        &setup.model,
+        &dataset,
+        &setup.out("groups-scanner"),
+        &[
+            "--split",
+            "all",
+            "--groups",
+            file,
+            "--group-by",
+            "manufacturer,model",
+        ],
+    );
+    let ge = group(&m, "GE MEDICAL SYSTEMS / LightSpeed16"); // a (1 of 4) + c (2 of 3)
+    assert_eq!(
+        (ge["scored"].as_u64(), ge["errors"].as_u64()),
+        (Some(7), Some(3))
+    );
+    let siemens = group(&m, "SIEMENS / Emotion"); // b (1 of 3)
+    close(&siemens["error"], 1.0 / 3.0, 1e-12, "SIEMENS");
+    assert_eq!(
+        m["groups"]["worst"]["group"],
+        "GE MEDICAL SYSTEMS / LightSpeed16"
+    );
+    close(
+        &m["groups"]["mean_error"],
+        (3.0 / 7.0 + 1.0 / 3.0) / 2.0,
+        1e-12,
+        "mean",
+    );
+
+    // only the selected split's patients are grouped (test: a and b)
+    let (m, _) = eval(
+        &setup.model,
+        &dataset,
+        &setup.out("groups-test"),
+        &["--groups", file],
+    );
+    assert_eq!(group(&m, BETA)["cases"], serde_json::json!(["patient-b"]));
+    close(&group(&m, BETA)["error"], 1.0 / 3.0, 1e-12, "Beta on test");
+
+    // keys that are the manifest's patient_key itself (a mined dataset)
+    let keys = setup.out("keys.csv");
+    std::fs::write(
+        &keys,
+        "patient_key,site\npatient-a,one\npatient-b,two\npatient-c,two\n",
+    )
+    .expect("keys.csv");
+    let (m, _) = eval(
+        &setup.model,
+        &setup.dataset(),
+        &setup.out("groups-keys"),
+        &[
+            "--split",
+            "all",
+            "--groups",
+            keys.to_str().expect("utf-8"),
+            "--group-key",
+            "patient_key",
+            "--group-by",
+            "site",
+        ],
+    );
+    close(&group(&m, "two")["error"], 0.5, 1e-12, "site two");
+    assert_eq!(group(&m, "one")["cases"], serde_json::json!(["patient-a"]));
+
+    // without --groups: no section, no file
+    let plain = setup.out("no-groups");
+    let (m, _) = eval(&setup.model, &dataset, &plain, &["--split", "all"]);
+    assert!(m.get("groups").is_none());
+    assert!(!plain.join("groups.csv").exists());
+}
+
+#[test]
+fn grouping_problems_name_the_file_line_and_column() {
+    let Some(setup) = Setup::new() else { return };
+    let (dataset, sources) = grouped_setup(&setup);
+    let model = setup.model.to_str().expect("utf-8");
+    let data = dataset.to_str().expect("utf-8");
+    let file = sources.to_str().expect("utf-8");
+    let out = setup.out("group-errors");
+    let out = out.to_str().expect("utf-8");
+    let base = [
+        "--model",
+        model,
+        "--dataset",
+        data,
+        "--out",
+        out,
+        "--split",
+        "all",
+    ];
+    let run = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        eval_error(&args)
+    };
+
+    // a group column the file does not have
+    let err = run(&["--groups", file, "--group-by", "scanner"]);
+    assert!(
+        err.contains(&format!("{file}: line 1: no column `scanner`")),
+        "{err}"
+    );
+    assert!(
+        err.contains("`case_id`, `folder`, `source`, `manufacturer`, `model`"),
+        "{err}"
+    );
+    let err = run(&["--groups", file, "--group-key", "case"]);
+    assert!(
+        err.contains("no column `case`") && err.contains("--group-key"),
+        "{err}"
+    );
+
+    // patients of the dataset without a row: how many, how many images, which
+    let partial = setup.out("partial.csv");
+    std::fs::write(
+        &partial,
+        "case_id,source\npatient-a,Alpha\npatient-b,Beta\n",
+    )
+    .expect("csv");
+    let partial = partial.to_str().expect("utf-8");
+    let err = run(&["--groups", partial]);
+    assert!(err.contains(partial), "{err}");
+    assert!(
+        err.contains("1 of the 3 patients (3 of the 12 images)"),
+        "{err}"
+    );
+    let c_key = anatomy_node::dataset::patient_key("patient-c");
+    assert!(err.contains(&format!("{c_key} (3 images)")), "{err}");
+    // ... which does not matter when the split scored has none of them
+    let (m, _) = eval(
+        &setup.model,
+        &dataset,
+        &setup.out("partial-test"),
+        &["--groups", partial],
+    );
+    assert_eq!(m["groups"]["scored_groups"], 2);
+
+    // an empty group cell is a group of its own
+    let blank = setup.out("blank.csv");
+    std::fs::write(
+        &blank,
+        "case_id,source\npatient-a,Alpha\npatient-b,\npatient-c,\n",
+    )
+    .expect("csv");
+    let (m, _) = eval(
+        &setup.model,
+        &dataset,
+        &setup.out("blank"),
+        &["--split", "all", "--groups", blank.to_str().expect("utf-8")],
+    );
+    assert_eq!(group(&m, "(no source)")["patients"], 2);
+
+    // an empty key, a case in two groups, a short row
+    let bad = setup.out("bad.csv");
+    let bad_path = bad.to_str().expect("utf-8");
+    for (text, expected) in [
+        (
+            "case_id,source\npatient-a,Alpha\n,B\n",
+            "line 3, column `case_id`: empty",
+        ),
+        (
+            "case_id,source\npatient-a,Alpha\npatient-b,B\npatient-a,B\n",
+            "line 4, column `case_id`",
+        ),
+        (
+            "case_id,source,model\npatient-a,Alpha,x\npatient-b,B\n",
+            "line 3",
+        ),
+    ] {
+        std::fs::write(&bad, text).expect("csv");
+        let err = run(&["--groups", bad_path]);
+        assert!(
+            err.contains(&format!("{bad_path}: {expected}")),
+            "{text}: {err}"
+        );
+    }
+
+    // no such file
+    let err = run(&["--groups", "/nonexistent/sources.csv"]);
+    assert!(
+        err.contains("/nonexistent/sources.csv: cannot be read"),
+        "{err}"
+    );
+    // --group-key and --group-by need --groups
+    let err = run(&["--group-by", "model"]);
+    assert!(err.contains("--groups"), "{err}");
 }

@@ -13,6 +13,12 @@ contrast phase) and Gaussian noise. A random down-and-up-sampling imitates low-r
 sources (the neck RT-planning CTs are mostly 128×128, upsampled to 256): without it a network
 can learn "blurry = neck" instead of anatomy.
 
+Scanner and protocol variation (`scanner_variation`, every part off by default): a soft or a
+sharp reconstruction kernel (Gaussian blur, unsharp mask), low-dose noise (correlated, tens of
+HU), another contrast phase (the enhancing band of 100-300 HU scaled), a reconstruction circle
+smaller than the image, and a couch top inserted under the body. A part that is off draws no
+random number, so the shipped recipe's stream, and its weights, stay the same bit for bit.
+
 Random parameters come from a CPU torch.Generator (small tensors), so a seed gives the same
 geometry on CPU and CUDA; only the pixel noise is drawn on the batch's device.
 """
@@ -69,6 +75,19 @@ class AugmentConfig:
     # planning CTs are masked to the body, diagnostic CTs show the couch, and pairs of crops are
     # drawn on clean air), so a clean background must not tell the class.
     strip_p: float = 0.0
+    # Scanner and protocol variation (scanner_variation; each off at probability 0). In HU,
+    # after pairing and stripping, before the intensity jitter and the geometry.
+    blur_p: float = 0.0  # a soft reconstruction kernel: Gaussian blur...
+    blur_sigma_max: float = 1.5  # ...of std uniform in [0.3, this] pixels, per image
+    sharpen_p: float = 0.0  # a sharp (bone, lung) kernel: unsharp mask x + a (x - blur_1px(x))...
+    sharpen_max: float = 1.5  # ...of strength a uniform in [0.2, this]
+    dose_p: float = 0.0  # low dose: spatially correlated Gaussian noise (blurred at 0.7 px)...
+    dose_noise_hu: float = 60.0  # ...of std uniform in [10, this] HU
+    contrast_p: float = 0.0  # another contrast phase: HU of the enhancing band (100-300, tapered
+    contrast_scale: float = 0.4  # to 0 at 40 and 450) scaled about 40 HU by uniform [1-c, 1+c]
+    fov_p: float = 0.0  # a reconstruction circle: what lies outside a centred circle is air...
+    fov_min: float = 0.75  # ...of radius uniform in [this, 1] x half the image side
+    couch_p: float = 0.0  # a couch top (two thin curved shells, 0-400 HU) just below the body
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +225,128 @@ def strip_background(hu: torch.Tensor, body_hu: float = -300.0) -> torch.Tensor:
     return torch.where(inside > 0, hu, torch.full_like(hu, AIR_HU))
 
 
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Each image of x [m,1,H,W] blurred by its own Gaussian of std sigma [m] pixels
+    (separable, borders replicated so that air stays air)."""
+    m, _, h, w = x.shape
+    r = max(1, math.ceil(3 * float(sigma.max())))
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma.to(x.device, x.dtype).view(m, 1)) ** 2)
+    k = k / k.sum(1, keepdim=True)
+    y = F.pad(x.reshape(1, m, h, w), (r, r, r, r), mode="replicate")
+    y = F.conv2d(y, k.view(m, 1, 1, 2 * r + 1), groups=m)
+    y = F.conv2d(y, k.view(m, 1, 2 * r + 1, 1), groups=m)
+    return y.view(m, 1, h, w)
+
+
+def sharpen(x: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+    """Unsharp mask x + a (x - blur_1px(x)), a [m] per image: a sharp reconstruction kernel's
+    edge overshoot and amplified fine detail."""
+    a = amount.to(x.device, x.dtype).view(-1, 1, 1, 1)
+    return x + a * (x - gaussian_blur(x, torch.ones(x.shape[0])))
+
+
+def dose_noise(shape, std: torch.Tensor, gen: torch.Generator, device, dtype) -> torch.Tensor:
+    """Low-dose CT noise: white noise blurred at 0.7 px (CT noise is correlated over a few
+    pixels), rescaled to std [m] HU per image."""
+    dev_gen = torch.Generator(device=device)
+    dev_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    white = torch.randn(shape, generator=dev_gen, device=device, dtype=dtype)
+    corr = gaussian_blur(white, torch.full((shape[0],), 0.7))
+    corr = corr / corr.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    return corr * std.to(device, dtype).view(-1, 1, 1, 1)
+
+
+CONTRAST_PIVOT_HU = 40.0  # unenhanced soft tissue: left where it is
+
+
+def contrast_phase(hu: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Another contrast phase: HU in the enhancing band scaled about 40 HU by factor [m].
+    Weight 1 on [100, 300] HU (enhancing parenchyma and vessels), tapering linearly to 0 at
+    40 HU (water, unenhanced tissue) and at 450 HU (so bone and air are left alone)."""
+    w = ((hu - CONTRAST_PIVOT_HU) / 60.0).clamp(0, 1) * ((450.0 - hu) / 150.0).clamp(0, 1)
+    f = factor.to(hu.device, hu.dtype).view(-1, 1, 1, 1)
+    return hu + w * (f - 1) * (hu - CONTRAST_PIVOT_HU)
+
+
+def fov_circle(hu: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """A reconstruction circle: outside a centred circle of radius [m] (fraction of half the
+    side) the image is air, as a scanner shows a display field smaller than the body."""
+    m, _, h, w = hu.shape
+    ys = (torch.arange(h, device=hu.device, dtype=hu.dtype) + 0.5 - h / 2) / (h / 2)
+    xs = (torch.arange(w, device=hu.device, dtype=hu.dtype) + 0.5 - w / 2) / (w / 2)
+    r2 = ys.view(1, 1, h, 1) ** 2 + xs.view(1, 1, 1, w) ** 2
+    inside = r2 <= radius.to(hu.device, hu.dtype).view(-1, 1, 1, 1) ** 2
+    return torch.where(inside, hu, torch.full_like(hu, AIR_HU))
+
+
+def insert_couch(hu: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """A couch top below the body (posterior is +y in the contract's orientation): two thin
+    shells curving up to the sides, params [m, 6] uniform in [0, 1] (gap, half width, centre,
+    curvature, shell HU, shell distance). An image whose body reaches the bottom is unchanged."""
+    m, _, S, _ = hu.shape
+    out = hu.clone()
+    cols = torch.arange(S, device=hu.device, dtype=hu.dtype)
+    for i in range(m):
+        body_rows = (hu[i, 0] > -500).any(1).nonzero()
+        bottom = int(body_rows[-1]) + 1 if len(body_rows) else S // 2
+        g, hw, c, cv, v, d = params[i].tolist()
+        y0 = bottom + 1 + int(g * 0.04 * S)
+        half = (0.3 + 0.18 * hw) * S
+        xc = S / 2 + (c - 0.5) * 0.1 * S
+        u = ((cols - xc) / half)
+        rise = (cv * 0.06 * S * u ** 2).round().long()
+        value = float(v) * 400.0
+        gap2 = max(2, int((0.02 + 0.03 * d) * S))
+        for y_top in (y0, y0 + gap2):
+            ys = y_top - rise
+            ok = (u.abs() <= 1) & (ys >= 0) & (ys < S)
+            if y_top >= S or not ok.any():
+                continue
+            xs = cols.long()[ok]
+            out[i, 0, ys[ok], xs] = torch.maximum(out[i, 0, ys[ok], xs], torch.tensor(value, dtype=hu.dtype))
+    return out
+
+
+def scanner_variation(hu: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """The scanner and protocol parts of the augmentation on an HU batch [n,1,S,S]: couch,
+    contrast phase, reconstruction circle, soft or sharp kernel, low-dose noise, each with its
+    own probability. A part at probability 0 draws nothing from `gen`."""
+    n = hu.shape[0]
+
+    def apply(p, params, fn):
+        nonlocal hu
+        pick = torch.rand(n, generator=gen) < p
+        if pick.any():
+            idx = pick.nonzero().squeeze(1)
+            dev_idx = idx.to(hu.device)
+            hu = hu.index_copy(0, dev_idx, fn(hu[dev_idx], params[idx]))
+
+    if cfg.couch_p > 0:
+        apply(cfg.couch_p, torch.rand(n, 6, generator=gen), insert_couch)
+    if cfg.contrast_p > 0:
+        c = cfg.contrast_scale
+        apply(cfg.contrast_p, _uniform(n, 1 - c, 1 + c, gen), contrast_phase)
+    if cfg.fov_p > 0:
+        apply(cfg.fov_p, _uniform(n, cfg.fov_min, 1.0, gen), fov_circle)
+    if cfg.blur_p > 0:
+        apply(cfg.blur_p, _uniform(n, 0.3, max(0.3, cfg.blur_sigma_max), gen), gaussian_blur)
+    if cfg.sharpen_p > 0:
+        apply(cfg.sharpen_p, _uniform(n, 0.2, max(0.2, cfg.sharpen_max), gen), sharpen)
+    if cfg.dose_p > 0:
+        std = _uniform(n, 10.0, max(10.0, cfg.dose_noise_hu), gen)
+        apply(cfg.dose_p, std,
+              lambda x, s: x + dose_noise(x.shape, s, gen, x.device, x.dtype))
+    return hu
+
+
+SCANNER_PARTS = ("couch_p", "contrast_p", "fov_p", "blur_p", "sharpen_p", "dose_p")
+# `train --scanner`: the probabilities of the experiment in models/README.md ("Scanner and
+# protocol augmentation"); magnitudes at the AugmentConfig defaults.
+SCANNER_PRESET = {"blur_p": 0.2, "sharpen_p": 0.2, "dose_p": 0.3, "contrast_p": 0.3, "fov_p": 0.1,
+                  "couch_p": 0.2}
+
+
 def augment(hu: torch.Tensor, low: float, high: float, cfg: AugmentConfig,
             gen: torch.Generator, pair: torch.Tensor | None = None) -> torch.Tensor:
     """HU batch [n,1,S,S] (float, any device) → augmented unit-normalised batch in [0, 1].
@@ -222,6 +363,8 @@ def augment(hu: torch.Tensor, low: float, high: float, cfg: AugmentConfig,
         if strip.any():  # only the drawn images pay for the mask
             idx = strip.nonzero().squeeze(1).to(dev)
             hu = hu.index_copy(0, idx, strip_background(hu[idx]))
+    if any(getattr(cfg, part) > 0 for part in SCANNER_PARTS):
+        hu = scanner_variation(hu, cfg, gen)
     per = lambda t: t.to(dev).view(n, 1, 1, 1)
     scale = per(_uniform(n, 1 - cfg.hu_scale, 1 + cfg.hu_scale, gen))
     offset = per(_uniform(n, -cfg.hu_offset, cfg.hu_offset, gen))

@@ -33,18 +33,32 @@ def cmd_pack(a) -> int:
     return 0
 
 
-def cmd_train(a) -> int:
-    from .augment import AugmentConfig
-    from .train import TrainConfig, run
+def augment_config(a):
+    """The AugmentConfig of `train`'s options."""
+    from .augment import SCANNER_PRESET, AugmentConfig
 
-    aug = AugmentConfig(
+    if getattr(a, "scanner", False):
+        for part, p in SCANNER_PRESET.items():
+            if not getattr(a, part):
+                setattr(a, part, p)
+    return AugmentConfig(
         rotate_deg=a.rotate, scale_min=a.scale[0], scale_max=a.scale[1], crop_scale_min=a.crop_scale_min,
         crop_fill=a.crop_fill, translate=a.translate, elastic_sigma=a.elastic,
         elastic_grid=a.elastic_grid, hflip=a.hflip, hu_scale=a.hu_scale, hu_offset=a.hu_offset,
         noise_hu=a.noise_hu, lowres_p=a.lowres_p, lowres_min=a.lowres_min, strip_p=a.strip_p,
         pair_p=a.pair_p, pair_scale_min=a.pair_scale[0], pair_scale_max=a.pair_scale[1],
         pair_min_fill=a.pair_min_fill, pair_true_size=a.pair_true_size,
+        blur_p=a.blur_p, blur_sigma_max=a.blur_sigma_max, sharpen_p=a.sharpen_p, sharpen_max=a.sharpen_max,
+        dose_p=a.dose_p, dose_noise_hu=a.dose_noise_hu, contrast_p=a.contrast_p,
+        contrast_scale=a.contrast_scale, fov_p=a.fov_p, fov_min=a.fov_min, couch_p=a.couch_p,
     )
+
+
+def cmd_train(a) -> int:
+    from .augment import AugmentConfig
+    from .train import TrainConfig, run
+
+    aug = augment_config(a)
     if a.no_augment:
         aug = AugmentConfig(rotate_deg=0, scale_min=1, scale_max=1, translate=0, elastic_sigma=0, hflip=0, hu_scale=0,
                             hu_offset=0, noise_hu=0, lowres_p=0, pair_p=0)
@@ -279,6 +293,33 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--lowres-min", type=float, default=da.lowres_min, help="smallest down-sampling factor")
     g.add_argument("--strip-p", type=float, default=da.strip_p,
                    help="probability of setting everything outside the body (couch, board, mask) to air")
+    g = s.add_argument_group("scanner and protocol variation (augment.scanner_variation; all off by default)")
+    g.add_argument("--blur-p", type=float, default=da.blur_p,
+                   help="probability of a Gaussian blur (a soft reconstruction kernel)")
+    g.add_argument("--blur-sigma-max", type=float, default=da.blur_sigma_max,
+                   help="blur std uniform in [0.3, this] pixels")
+    g.add_argument("--sharpen-p", type=float, default=da.sharpen_p,
+                   help="probability of an unsharp mask (a sharp bone/lung reconstruction kernel)")
+    g.add_argument("--sharpen-max", type=float, default=da.sharpen_max,
+                   help="unsharp-mask strength uniform in [0.2, this]")
+    g.add_argument("--dose-p", type=float, default=da.dose_p,
+                   help="probability of low-dose noise (Gaussian, correlated over ~1 pixel)")
+    g.add_argument("--dose-noise-hu", type=float, default=da.dose_noise_hu,
+                   help="low-dose noise std uniform in [10, this] HU")
+    g.add_argument("--contrast-p", type=float, default=da.contrast_p,
+                   help="probability of another contrast phase (HU of 100-300, tapered, scaled about 40 HU)")
+    g.add_argument("--contrast-scale", type=float, default=da.contrast_scale,
+                   help="contrast-phase factor uniform in [1-C, 1+C]")
+    g.add_argument("--fov-p", type=float, default=da.fov_p,
+                   help="probability of a reconstruction circle (air outside a centred circle)")
+    g.add_argument("--fov-min", type=float, default=da.fov_min,
+                   help="circle radius uniform in [this, 1] x half the image side")
+    g.add_argument("--couch-p", type=float, default=da.couch_p,
+                   help="probability of inserting a couch top (two thin curved shells) below the body")
+    g.add_argument("--scanner", action="store_true",
+                   help="the preset augment.SCANNER_PRESET: --blur-p 0.2 --sharpen-p 0.2 --dose-p 0.3 --contrast-p 0.3 "
+                        "--fov-p 0.1 --couch-p 0.2, for each of them not given a non-zero value")
+    g = s.add_argument_group("pairs of crops")
     g.add_argument("--pair-p", type=float, default=da.pair_p,
                    help="probability that a crop of a --pair-classes class becomes two shrunken copies side by side (one mirrored)")
     g.add_argument("--pair-scale", type=_floats, default=(da.pair_scale_min, da.pair_scale_max),

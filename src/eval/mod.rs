@@ -8,6 +8,7 @@
 //! card is checked against it) and three PNG plots ([`plots`]).
 
 pub mod data;
+pub mod groups;
 pub mod metrics;
 pub mod plots;
 pub mod report;
@@ -21,6 +22,7 @@ use rayon::prelude::*;
 
 use crate::anatomy::model::{Device, Model, ModelError, ModelInfo, DEFAULT_MAX_BATCH};
 pub use data::{Dataset, Row, SplitSelection, AMBIGUOUS};
+pub use groups::{GroupOptions, Grouping};
 pub use report::Report;
 
 /// Files written to the output folder.
@@ -29,12 +31,17 @@ pub const PREDICTIONS_FILE: &str = "predictions.csv";
 pub const CONFUSION_PLOT: &str = "confusion.png";
 pub const ROC_PLOT: &str = "roc.png";
 pub const RELIABILITY_PLOT: &str = "reliability.png";
+/// Per-group figures, written with `--groups`.
+pub const GROUPS_FILE: &str = "groups.csv";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EvalError {
     /// A file or folder of the dataset is missing or breaks the contract.
     #[error("{}: {problem}", .path.display())]
     Dataset { path: PathBuf, problem: String },
+    /// The grouping file (`--groups`) is unreadable, malformed, or misses patients.
+    #[error("{}: {problem}", .path.display())]
+    Groups { path: PathBuf, problem: String },
     #[error(transparent)]
     Model(#[from] ModelError),
     /// Model and dataset do not fit together.
@@ -67,6 +74,8 @@ pub struct EvalOptions {
     pub batch: usize,
     /// Show a progress bar (only on a terminal).
     pub progress: bool,
+    /// Figures per group of patients (`--groups`).
+    pub groups: Option<GroupOptions>,
 }
 
 impl EvalOptions {
@@ -110,6 +119,19 @@ pub struct EvalArgs {
     /// Images per inference call.
     #[arg(long, default_value_t = DEFAULT_MAX_BATCH)]
     pub batch: usize,
+    /// CSV that puts every case in a group (e.g. ../shared/data/sources.csv): adds figures per
+    /// group and per group and class, the mean and the worst group (metrics.json `groups`,
+    /// groups.csv).
+    #[arg(long, value_name = "FILE")]
+    pub groups: Option<PathBuf>,
+    /// Column of --groups holding the case id (the labels' case_id, which `dataset build`
+    /// hashes into patient_key) or the manifest's patient_key itself.
+    #[arg(long, value_name = "COLUMN", default_value = groups::DEFAULT_KEY, requires = "groups")]
+    pub group_key: String,
+    /// Column(s) of --groups naming the group; a comma list (e.g. manufacturer,model) joins
+    /// their values with " / ".
+    #[arg(long, value_name = "COLUMNS", default_value = groups::DEFAULT_GROUP_BY, requires = "groups")]
+    pub group_by: String,
 }
 
 impl From<EvalArgs> for EvalOptions {
@@ -124,6 +146,16 @@ impl From<EvalArgs> for EvalOptions {
             threads: args.threads,
             batch: args.batch,
             progress: std::io::stdout().is_terminal(),
+            groups: args.groups.map(|file| GroupOptions {
+                file,
+                key: args.group_key.trim().to_string(),
+                by: args
+                    .group_by
+                    .split(',')
+                    .map(|c| c.trim().to_string())
+                    .filter(|c| !c.is_empty())
+                    .collect(),
+            }),
         }
     }
 }
@@ -176,6 +208,7 @@ pub fn run_eval(args: EvalArgs) -> anyhow::Result<()> {
 /// Scores the model on the selected splits and returns the report (nothing is written).
 pub fn evaluate(options: &EvalOptions) -> Result<Report, EvalError> {
     let dataset = Dataset::open(&options.dataset)?;
+    let grouping = options.groups.as_ref().map(Grouping::read).transpose()?;
     let model =
         Model::load(&options.model, options.device, options.threads)?.with_max_batch(options.batch);
     check_sizes(&model, &dataset)?;
@@ -191,6 +224,9 @@ pub fn evaluate(options: &EvalOptions) -> Result<Report, EvalError> {
             options.labels.describe(),
             options.splits
         )));
+    }
+    if let Some(grouping) = &grouping {
+        grouping.check_covers(&selected, &dataset.dir)?;
     }
     let classes = &model.info().classes;
     let scored: Vec<&Row> = selected
@@ -218,6 +254,7 @@ pub fn evaluate(options: &EvalOptions) -> Result<Report, EvalError> {
         scored: &scored,
         probabilities: &probabilities,
         timing,
+        grouping: grouping.as_ref(),
     }))
 }
 
@@ -357,6 +394,15 @@ pub fn write_outputs(report: &Report, out: &Path) -> Result<Vec<PathBuf>, EvalEr
             reason: e.to_string(),
         })?;
     let mut written = vec![metrics, predictions];
+    if let Some(groups) = &report.groups {
+        let path = out.join(GROUPS_FILE);
+        groups.write_csv(&path).map_err(|e| EvalError::Output {
+            what: "writing",
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        written.push(path);
+    }
     for (name, draw) in [
         (CONFUSION_PLOT, plots::confusion as plots::Plot),
         (ROC_PLOT, plots::roc),

@@ -11,6 +11,7 @@ use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
 use super::data::{Dataset, Row, SplitSelection, AMBIGUOUS};
+use super::groups::{self, GroupSection, Grouping};
 use super::metrics::{self, Bin, ECE_BINS};
 use super::Timing;
 use crate::anatomy::model::Model;
@@ -65,6 +66,9 @@ pub struct Report {
     pub calibration: CalibrationSection,
     pub patient: PatientSection,
     pub timing: TimingSection,
+    /// Figures per group of patients (`--groups`); absent without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub groups: Option<GroupSection>,
     /// ROC points (false positive rate, true positive rate) per class, for the plot.
     #[serde(skip)]
     pub roc: Vec<Option<Vec<(f64, f64)>>>,
@@ -240,6 +244,8 @@ pub struct Inputs<'a> {
     pub scored: &'a [&'a Row],
     pub probabilities: &'a [Vec<f32>],
     pub timing: Timing,
+    /// The grouping file (`--groups`), already checked to cover every selected row.
+    pub grouping: Option<&'a Grouping>,
 }
 
 impl Report {
@@ -279,6 +285,15 @@ impl Report {
             calibration: calibration_section(&calibration),
             patient: patient_section(&inputs, &targets, &classes),
             timing: timing_section(&inputs.timing, inputs.model),
+            groups: inputs.grouping.map(|g| {
+                groups::group_section(
+                    g,
+                    inputs.selected,
+                    inputs.scored,
+                    inputs.probabilities,
+                    &classes,
+                )
+            }),
             roc,
             predictions: inputs
                 .scored
@@ -639,6 +654,9 @@ impl Report {
         self.write_confusion(&mut s);
         self.write_calibration(&mut s);
         self.write_patients(&mut s);
+        if let Some(groups) = &self.groups {
+            s.push_str(&groups.summary());
+        }
         let t = &self.timing;
         let _ = writeln!(
             s,
@@ -791,9 +809,24 @@ impl Report {
             percent(p.any_slice_error),
             percent(p.mean_slice_error)
         );
+        // with --groups, patients are named by their case id
+        let name = |key: &str| -> String {
+            self.groups
+                .as_ref()
+                .and_then(|g| g.case_of.get(key))
+                .cloned()
+                .unwrap_or_else(|| key.to_string())
+        };
+        let width = p
+            .per_patient
+            .iter()
+            .map(|r| name(&r.patient_key).chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(16);
         let _ = writeln!(
             s,
-            "  {:<16}  {:<5}  {:>6}  {:>6}  {:>8}  {:<10}  predicted",
+            "  {:<width$}  {:<5}  {:>6}  {:>6}  {:>8}  {:<10}  predicted",
             "patient", "split", "images", "wrong", "error", "true"
         );
         let mut rows: Vec<&PatientRow> = p.per_patient.iter().collect();
@@ -804,8 +837,8 @@ impl Report {
         });
         for r in rows {
             let line = format!(
-                "  {:<16}  {:<5}  {:>6}  {:>6}  {:>8}  {:<10}  {:<10}{}",
-                r.patient_key,
+                "  {:<width$}  {:<5}  {:>6}  {:>6}  {:>8}  {:<10}  {:<10}{}",
+                name(&r.patient_key),
                 r.split,
                 r.images,
                 r.errors,

@@ -2,6 +2,8 @@
 
     python training/tools/hold_out.py IN.npz OUT.npz --subjects vhp-female --to test
     python training/tools/hold_out.py IN.npz OUT.npz --source okbp- --labels L.csv --rest-to train
+    python training/tools/hold_out.py IN.npz OUT.npz --source-name "TCIA CPTAC-PDA" \
+        --sources ../shared/data/sources.csv --rest-to train
 
 Subjects are named by their source id (the `case_id` of labels.csv); the dataset holds only
 their anonymised `patient_key` (hex SHA-256 prefix, docs/contracts.md), which is recomputed here.
@@ -13,7 +15,9 @@ Rust builder's.
 Leave-source-out: `--source PREFIX` takes every subject of labels.csv whose case_id starts with
 PREFIX (one public source: okbp-, ctmed-, sts-, vhp-); with `--rest-to train` the subjects that
 were in the target split before move to train, so the target split holds that source alone and
-its figures are those of a source the model never saw.
+its figures are those of a source the model never saw. `--source-name NAME --sources
+sources.csv` takes instead every case whose `source` column (or `--source-column`) is NAME,
+in either data folder (../shared/data/sources.csv lists the cases of ct and ct-extra).
 """
 from __future__ import annotations
 
@@ -39,6 +43,18 @@ def source_subjects(labels: Path, prefixes: tuple[str, ...]) -> set[str]:
         return {row["case_id"] for row in csv.DictReader(f) if row["case_id"].startswith(prefixes)}
 
 
+def named_source_subjects(sources: Path, name: str, column: str = "source") -> set[str]:
+    with sources.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and column not in rows[0]:
+        raise SystemExit(f"{sources}: line 1: no column {column!r} (columns: {', '.join(rows[0])})")
+    found = {row["case_id"] for row in rows if row[column] == name}
+    if not found:
+        names = sorted({row[column] for row in rows})
+        raise SystemExit(f"{sources}: no case has {column} {name!r} (there are: {'; '.join(names)})")
+    return found
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="packed dataset (.npz from `python -m training pack`)")
@@ -46,6 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--subjects", default="", help="comma-separated subject ids (labels.csv case_id)")
     p.add_argument("--source", default="", help="comma-separated case_id prefixes; needs --labels")
     p.add_argument("--labels", help="labels.csv naming the subjects (for --source)")
+    p.add_argument("--source-name", default="", help="one value of the --sources file's source column")
+    p.add_argument("--sources", help="sources.csv (case_id, ..., source, ...) for --source-name")
+    p.add_argument("--source-column", default="source", help="the column --source-name is matched against")
     p.add_argument("--to", default="test", choices=("train", "val", "test"), help="split to move them to")
     p.add_argument(
         "--rest-to",
@@ -59,8 +78,12 @@ def main(argv=None) -> int:
         if not a.labels:
             raise SystemExit("--source needs --labels (the labels.csv with the case_id column)")
         subjects += sorted(source_subjects(Path(a.labels), prefixes))
+    if a.source_name:
+        if not a.sources:
+            raise SystemExit("--source-name needs --sources (the sources.csv with case_id and source)")
+        subjects += sorted(named_source_subjects(Path(a.sources), a.source_name, a.source_column))
     if not subjects:
-        raise SystemExit("name the subjects to move: --subjects or --source")
+        raise SystemExit("name the subjects to move: --subjects, --source or --source-name")
     arrays, info = read_npz_arrays(a.src)
     keys = {patient_key(s): s for s in subjects}
     moved = np.isin(arrays["patient_key"], list(keys))
@@ -72,7 +95,8 @@ def main(argv=None) -> int:
         split[(split == a.to) & ~moved] = a.rest_to
     split[moved] = a.to
     arrays["split"] = split.astype(arrays["split"].dtype)
-    what = ", ".join(p + "*" for p in prefixes) if prefixes else ", ".join(keys.values())
+    what = (", ".join(p + "*" for p in prefixes) if prefixes
+            else a.source_name if a.source_name else ", ".join(keys.values()))
     info["name"] = f"{info.get('name', 'dataset')} ({what} moved to {a.to})"
     write_npz_arrays(a.dst, arrays, info)
     print(f"moved {int(moved.sum())} images of {len(keys)} subject(s) to {a.to}: {a.dst}")
