@@ -54,6 +54,12 @@ pub struct Config {
     /// `[mine]`: label sources, the dataset and the load limits of `anatomy-node mine`.
     #[serde(default)]
     pub mine: crate::mine::MineConfig,
+    /// `[audit]`: the audit trail (retention).
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// The file this configuration was read from (not a setting; for the audit trail).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `classifier.key_images`: a number, or "all".
@@ -372,6 +378,15 @@ impl Default for LogConfig {
     }
 }
 
+/// `[audit]`: the audit trail in the index (README, "Audit trail").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Events older than this many days are deleted (hourly) by the running node; 0 keeps
+    /// every event (the default).
+    pub retention_days: u32,
+}
+
 impl Config {
     /// Load `path` (when given) and the environment, then resolve relative paths against
     /// the directory of the file so the node behaves the same from any working directory.
@@ -406,6 +421,7 @@ impl Config {
             .map(Path::to_path_buf)
             .unwrap_or_default();
         cfg.resolve_paths(&base);
+        cfg.source = path.map(Path::to_path_buf);
         cfg.validate()?;
         Ok(cfg)
     }

@@ -57,11 +57,10 @@ pub async fn serve(
     async move {
         let dicom = &ctx.config.dicom;
         let mut options = ServerAssociationOptions::new()
-            .ae_access_control(PeerAccess::new(
-                dicom.allow_any_peer,
-                ctx.allowed_peers.clone(),
-                peer.ip(),
-            ))
+            .ae_access_control(
+                PeerAccess::new(dicom.allow_any_peer, ctx.allowed_peers.clone(), peer.ip())
+                    .with_audit(ctx.audit.clone(), peer),
+            )
             .ae_title(dicom.ae_title.clone())
             .max_pdu_length(dicom.max_pdu_length)
             .strict(false)
@@ -101,7 +100,11 @@ pub async fn serve(
         ctx.metrics.associations_active.inc();
         let contexts = accepted_contexts(&association);
         info!(contexts = contexts.len(), "association accepted");
+        let audit = ctx
+            .audit
+            .association(peer, association.peer_ae_title(), contexts.len());
         let mut handler = Handler {
+            audit: audit.clone(),
             ctx: ctx.clone(),
             association,
             contexts,
@@ -113,6 +116,7 @@ pub async fn serve(
         let ending = handler.run(&shutdown).await;
         let Handler { association, .. } = handler;
         finish(association, ending).await;
+        audit.finish();
         ctx.metrics.associations_active.dec();
     }
     .instrument(span)
@@ -186,6 +190,7 @@ async fn finish(association: AsyncServerAssociation<TcpStream>, ending: Ending) 
 
 struct Handler {
     ctx: Arc<ServiceContext>,
+    audit: crate::audit::AssociationAudit,
     association: AsyncServerAssociation<TcpStream>,
     contexts: HashMap<u8, AcceptedContext>,
     command_buf: Vec<u8>,
@@ -310,6 +315,7 @@ impl Handler {
                 if pdv.is_last {
                     if let Some(transfer) = self.transfer.take() {
                         let (request, status) = transfer.finish(&self.ctx).await;
+                        self.audit.store_status(status.code);
                         self.respond(pc_id, "C-STORE", &request, &status).await?;
                     }
                 }
@@ -387,6 +393,7 @@ impl Handler {
             None => return Err(format!("presentation context {pc_id} was not accepted")),
         };
         let ctx = self.ctx.clone();
+        let audit = self.audit.clone();
         let context = find::Context {
             abstract_syntax: &abstract_syntax,
             transfer_syntax: &transfer_syntax,
@@ -404,6 +411,7 @@ impl Handler {
             &request,
             context,
             identifier,
+            &audit,
         )
         .instrument(span)
         .await
@@ -500,6 +508,7 @@ impl Handler {
             sop_instance_uid,
             transfer_syntax_uid: pc.transfer_syntax.clone(),
             calling_ae: self.association.peer_ae_title().to_string(),
+            received: Some(self.audit.tally()),
         };
         let started = Instant::now();
         match self.ctx.store.begin(header).instrument(span.clone()).await {
