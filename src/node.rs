@@ -109,8 +109,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 &index,
                 &metrics,
                 classifier_status,
-                web_store,
-                audit.clone(),
+                (web_store, audit.clone()),
                 &shutdown,
             )
             .await?,
@@ -183,8 +182,8 @@ async fn start_http(
     index: &Index,
     metrics: &Arc<Metrics>,
     classifier_status: String,
-    store: Arc<Store>,
-    audit: AuditLog,
+    // STOW-RS stores through the DICOM port's store; requests go to its audit trail.
+    (store, audit): (Arc<Store>, AuditLog),
     shutdown: &CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let http = &config.http;
