@@ -618,6 +618,27 @@ mod tests {
         assert_eq!(h.jwt.roles_claim, defaults.jwt.roles_claim);
         assert_eq!(h.jwt.leeway_secs, defaults.jwt.leeway_secs);
         assert!(!cfg.log.phi);
+        // The audit trail keeps every event unless a site sets a retention, and knows its file.
+        assert_eq!(
+            cfg.audit.retention_days,
+            AuditConfig::default().retention_days
+        );
+        assert_eq!(cfg.audit.retention_days, 0);
+        assert_eq!(cfg.source.as_deref(), Some(path.as_path()));
+    }
+
+    #[test]
+    fn audit_retention_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.toml");
+        std::fs::write(&path, "[audit]\nretention_days = 400\n").unwrap();
+        let cfg = Config::load(Some(&path)).expect("loads");
+        assert_eq!(cfg.audit.retention_days, 400);
+        std::fs::write(&path, "[audit]\nretention_days = -1\n").unwrap();
+        assert!(Config::load(Some(&path)).is_err(), "a negative retention");
+        std::fs::write(&path, "[audit]\nkeep = 1\n").unwrap();
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("keep"), "{err}");
     }
 
     #[test]
