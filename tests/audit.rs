@@ -350,3 +350,114 @@ fn retention_prunes_old_events() {
         "recent events stay"
     );
 }
+
+#[test]
+fn forwards_and_the_model_are_recorded() {
+    // A series labelled by a one-class test model goes to a storescp that is up and to a
+    // destination that is down: one forward event each, success and failure; node_start
+    // names the model and its version.
+    let work = tempfile::tempdir().expect("work");
+    let Some(model) = common::models::make(
+        work.path(),
+        "lungs",
+        &["--size", "64", "--kind", "stats", "--classes", "lungs"],
+    ) else {
+        return;
+    };
+    let up = common::free_port();
+    let down = common::free_port();
+    let scp_dir = tempfile::tempdir().expect("storescp dir");
+    let mut scp = Command::new("storescp")
+        .env("TCP_NODELAY", "1")
+        .args(["+B", "+uf", "-aet", "LUNG_CAD", "-od"])
+        .arg(scp_dir.path())
+        .arg(up.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start storescp (apt package dcmtk)");
+    assert!(common::wait_until(10, || TcpStream::connect((
+        "127.0.0.1",
+        up
+    ))
+    .is_ok()));
+    let destination = |name: &str, port: u16| {
+        format!(
+            "[[destinations]]\nname = \"{name}\"\nae_title = \"{name}\"\nhost = \"127.0.0.1\"\nport = {port}\n"
+        )
+    };
+    let mut node = Node::start_with(NodeOptions {
+        stable_after_secs: 1,
+        classifier: format!(
+            "enabled = true\nmodel = \"{}\"\ndevice = \"cpu\"\nkey_images = 8\n\n\
+             [forward]\nmax_attempts = 1\nbatch_size = 64\n\n{}{}\
+             [[routes]]\nclasses = [\"lungs\"]\ndestinations = [\"LUNG_CAD\", \"DOWN_CAD\"]\n",
+            model.display(),
+            destination("LUNG_CAD", up),
+            destination("DOWN_CAD", down),
+        ),
+        ..NodeOptions::default()
+    });
+    let (spec, files) = common::data::synthetic_series(&work.path().join("s"), 7, 6, 64);
+    let out = node.storescu(&[], &files);
+    assert!(out.status.success(), "{}", common::text(&out));
+    let index = node.index();
+    let both = common::wait_until(60, || {
+        index.count("SELECT COUNT(*) FROM audit_events WHERE event_type = 'forward'") >= 2
+    });
+    assert!(
+        both,
+        "forward events: {:?}\n{}",
+        index.rows("SELECT event_type, outcome, actor, object, detail FROM audit_events"),
+        node.log()
+    );
+    drop(index);
+    node.sigterm();
+    assert!(node.wait_exit(30).success());
+    let _ = scp.kill();
+    let _ = scp.wait();
+
+    let forwards = audit_json(&node, &["--type", "forward"]);
+    let of = |name: &str| -> Vec<&Value> {
+        forwards
+            .iter()
+            .filter(|e| {
+                e["object"]
+                    .as_str()
+                    .is_some_and(|o| o.starts_with(&format!("destination {name} ")))
+            })
+            .collect()
+    };
+    let ok = of("LUNG_CAD");
+    assert_eq!(ok.len(), 1, "{forwards:#?}");
+    assert_eq!(ok[0]["outcome"], "success");
+    assert_eq!(ok[0]["actor"], AE, "the node's calling AE title");
+    assert_eq!(ok[0]["peer"], format!("127.0.0.1:{up}").as_str());
+    assert_eq!(ok[0]["series"], spec.series_uid().as_str());
+    assert_eq!(ok[0]["studies"], spec.study_uid().as_str());
+    // The 6 instances (and the Key Object Selection document, when configured).
+    assert!(
+        ok[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.ends_with(" sent, 0 failed") && !d.starts_with("0 ")),
+        "{:?}",
+        ok[0]
+    );
+    let failed = of("DOWN_CAD");
+    assert!(!failed.is_empty(), "{forwards:#?}");
+    assert!(failed.iter().all(|e| e["outcome"] == "failure"));
+    assert!(
+        failed[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("no association")),
+        "{:?}",
+        failed[0]
+    );
+
+    let start = audit_json(&node, &["--type", "node_start"]);
+    let detail = start[0]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(&model.display().to_string()) && detail.contains("version"),
+        "the model and its version: {detail}"
+    );
+}
