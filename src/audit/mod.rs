@@ -661,6 +661,32 @@ mod tests {
         assert!(t.take().is_none());
     }
 
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let metrics = Arc::new(Metrics::new());
+        let (tx, mut rx) = mpsc::channel(2);
+        let log = AuditLog {
+            tx: Some(tx),
+            metrics: Some(metrics.clone()),
+            dropped: Arc::new(AtomicU64::new(0)),
+        };
+        for _ in 0..5 {
+            // Returns at once although nobody reads the queue.
+            log.record(AuditEvent::new(EventType::CFind, Outcome::Success, "PACS"));
+        }
+        assert_eq!(metrics.audit_dropped.get(), 3);
+        assert!(metrics
+            .render()
+            .contains("anatomy_audit_events_dropped_total 3"));
+        let mut kept = Vec::new();
+        assert_eq!(rx.recv_many(&mut kept, 10).await, 2);
+        AuditLog::disabled().record(AuditEvent::new(
+            EventType::NodeStart,
+            Outcome::Success,
+            "node",
+        ));
+    }
+
     #[test]
     fn times_are_utc_rfc3339() {
         assert_eq!(format_time(0), "1970-01-01T00:00:00.000Z");
