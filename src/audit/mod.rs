@@ -40,8 +40,6 @@ const MAX_FIELD: usize = 1024;
 pub enum AuditError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("{0}")]
-    Usage(String),
 }
 
 /// What happened.
