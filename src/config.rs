@@ -54,6 +54,12 @@ pub struct Config {
     /// `[mine]`: label sources, the dataset and the load limits of `anatomy-node mine`.
     #[serde(default)]
     pub mine: crate::mine::MineConfig,
+    /// `[audit]`: the audit trail (retention).
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// The file this configuration was read from (not a setting; for the audit trail).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `classifier.key_images`: a number, or "all".
@@ -372,6 +378,15 @@ impl Default for LogConfig {
     }
 }
 
+/// `[audit]`: the audit trail in the index (README, "Audit trail").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Events older than this many days are deleted (hourly) by the running node; 0 keeps
+    /// every event (the default).
+    pub retention_days: u32,
+}
+
 impl Config {
     /// Load `path` (when given) and the environment, then resolve relative paths against
     /// the directory of the file so the node behaves the same from any working directory.
@@ -406,6 +421,7 @@ impl Config {
             .map(Path::to_path_buf)
             .unwrap_or_default();
         cfg.resolve_paths(&base);
+        cfg.source = path.map(Path::to_path_buf);
         cfg.validate()?;
         Ok(cfg)
     }
@@ -602,6 +618,27 @@ mod tests {
         assert_eq!(h.jwt.roles_claim, defaults.jwt.roles_claim);
         assert_eq!(h.jwt.leeway_secs, defaults.jwt.leeway_secs);
         assert!(!cfg.log.phi);
+        // The audit trail keeps every event unless a site sets a retention, and knows its file.
+        assert_eq!(
+            cfg.audit.retention_days,
+            AuditConfig::default().retention_days
+        );
+        assert_eq!(cfg.audit.retention_days, 0);
+        assert_eq!(cfg.source.as_deref(), Some(path.as_path()));
+    }
+
+    #[test]
+    fn audit_retention_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.toml");
+        std::fs::write(&path, "[audit]\nretention_days = 400\n").unwrap();
+        let cfg = Config::load(Some(&path)).expect("loads");
+        assert_eq!(cfg.audit.retention_days, 400);
+        std::fs::write(&path, "[audit]\nretention_days = -1\n").unwrap();
+        assert!(Config::load(Some(&path)).is_err(), "a negative retention");
+        std::fs::write(&path, "[audit]\nkeep = 1\n").unwrap();
+        let err = Config::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("keep"), "{err}");
     }
 
     #[test]

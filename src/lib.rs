@@ -7,6 +7,7 @@
 //! (routing, tagged copies, C-STORE to CAD modules) … and [`web`], [`metrics`] beside them.
 
 pub mod anatomy;
+pub mod audit;
 pub mod classify_cli;
 pub mod config;
 pub mod dataset;

@@ -58,6 +58,10 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "read")]
         roles: Vec<String>,
     },
+    /// The audit trail (who did what: associations, received instances, C-FIND, forwards,
+    /// HTTP requests, authentication failures, node start and stop), newest first, as a
+    /// table or JSON lines.
+    Audit(anatomy_node::audit::cli::AuditArgs),
     /// Training data preparation.
     Dataset {
         #[command(subcommand)]
@@ -120,6 +124,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::process::exit(i32::from(code));
         }
         Command::Token { name, roles } => print_token(&name, &roles),
+        Command::Audit(args) => {
+            let config = Config::load(args.config.as_deref())?;
+            // stdout is the listing; only warnings on stderr.
+            let mut quiet = config.clone();
+            quiet.log.level = "warn".into();
+            init_logging(&quiet);
+            runtime.block_on(anatomy_node::audit::cli::run(args))
+        }
         Command::Forward { command } => runtime.block_on(anatomy_node::forward::cli::run(command)),
         Command::Classify(args) => {
             let mut config = Config::load(args.config.as_deref())?;

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub classifier_ready: Gauge,
     /// Routing and forwarding (`forward::metrics`).
     pub forward: crate::forward::metrics::ForwardMetrics,
+    /// Audit events dropped because the audit writer could not keep up (`audit`).
+    pub audit_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -111,8 +113,15 @@ impl Metrics {
             classifier_ready.clone(),
         );
         let forward = crate::forward::metrics::ForwardMetrics::register(&mut registry);
+        let audit_dropped = Counter::default();
+        registry.register(
+            "audit_events_dropped",
+            "Audit events dropped because the audit writer's queue was full (never blocks a C-STORE)",
+            audit_dropped.clone(),
+        );
         Self {
             registry,
+            audit_dropped,
             forward,
             series_labels,
             classification_seconds,

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::anatomy::model::{self, Model};
 use crate::anatomy::worker::{self, Classifier};
+use crate::audit::{AuditEvent, AuditLog, EventType, Outcome};
 use crate::config::Config;
 use crate::dimse::find::FindScp;
 use crate::dimse::listener::Listener;
@@ -47,6 +48,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let metrics = Arc::new(Metrics::new());
     let index = open_index(&config).await?;
+    let (audit, audit_writer) =
+        AuditLog::spawn(index.clone(), metrics.clone(), config.audit.retention_days);
     let writer = IndexWriter::spawn(index.clone(), config.database.batch_max);
     let store = Store::open(&config.storage, index.clone(), writer, metrics.clone())
         .with_context(|| format!("opening storage.path {}", config.storage.path.display()))?;
@@ -56,6 +59,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         store: Arc::new(store),
         metrics: metrics.clone(),
         find: FindScp::new(index.clone(), config.database.max_connections),
+        audit: audit.clone(),
     });
     if !config.dicom.allow_any_peer && ctx.allowed_peers.is_empty() {
         warn!("dicom.allowed_peers is empty and dicom.allow_any_peer is false: every association will be rejected");
@@ -69,10 +73,27 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         index.clone(),
         metrics.clone(),
         node_id(),
+        audit.clone(),
         shutdown.clone(),
     );
     let (classifier, classifier_status) =
         start_classifier(&config, &index, &metrics, forwarding.labelled.clone()).await;
+    // Configuration and model changes show as node starts: which file, which model.
+    let config_file = config
+        .source
+        .as_ref()
+        .map_or_else(|| "(defaults)".to_string(), |p| p.display().to_string());
+    audit.record(
+        AuditEvent::new(EventType::NodeStart, Outcome::Success, "node")
+            .object(format!("config {config_file}"))
+            .detail(format!(
+                "anatomy-node {}, node {}, AE {}, classifier {}",
+                env!("CARGO_PKG_VERSION"),
+                node_id(),
+                config.dicom.ae_title,
+                classifier_status
+            )),
+    );
     let dicom_addr = SocketAddr::new(config.dicom.bind, config.dicom.port);
     let web_store = ctx.store.clone();
     let listener = Listener::bind(dicom_addr, ctx)
@@ -88,7 +109,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 &index,
                 &metrics,
                 classifier_status,
-                web_store,
+                (web_store, audit.clone()),
                 &shutdown,
             )
             .await?,
@@ -129,6 +150,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(http) = http {
         let _ = http.await;
     }
+    audit.record(
+        AuditEvent::new(EventType::NodeStop, Outcome::Success, "node")
+            .object(format!("config {config_file}"))
+            .detail(format!("node {}", node_id())),
+    );
+    audit.flush().await;
+    drop(audit);
+    let _ = tokio::time::timeout(Duration::from_secs(5), audit_writer).await;
     index.close().await;
     info!("stopped");
     Ok(())
@@ -153,7 +182,8 @@ async fn start_http(
     index: &Index,
     metrics: &Arc<Metrics>,
     classifier_status: String,
-    store: Arc<Store>,
+    // STOW-RS stores through the DICOM port's store; requests go to its audit trail.
+    (store, audit): (Arc<Store>, AuditLog),
     shutdown: &CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let http = &config.http;
@@ -166,32 +196,41 @@ async fn start_http(
     if tls.is_none() && !http.bind.is_loopback() {
         warn!(%addr, "plain HTTP on a network address: tokens and patient data travel in clear; set http.tls_cert and http.tls_key, or put a TLS proxy in front");
     }
-    let app = web::router(web::WebState::new(
-        index.clone(),
-        metrics.clone(),
-        Arc::new(classifier_status),
-        store,
-        config.clone(),
-        Arc::new(auth),
-    ));
+    let app = web::router(
+        web::WebState::new(
+            index.clone(),
+            metrics.clone(),
+            Arc::new(classifier_status),
+            store,
+            config.clone(),
+            Arc::new(auth),
+        )
+        .with_audit(audit),
+    );
     let stop = shutdown.clone();
     Ok(match tls {
         Some(tls) => {
             let listener = web::tls::TlsListener::new(tcp, tls, shutdown.clone())
                 .context("starting the HTTPS listener")?;
             tokio::spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
+                let served = axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<web::ClientAddr>(),
+                )
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
                 if let Err(e) = served {
                     warn!(error = %e, "HTTPS server stopped");
                 }
             })
         }
         None => tokio::spawn(async move {
-            let served = axum::serve(tcp, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
+            let served = axum::serve(
+                tcp,
+                app.into_make_service_with_connect_info::<web::ClientAddr>(),
+            )
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
             if let Err(e) = served {
                 warn!(error = %e, "HTTP server stopped");
             }

@@ -32,6 +32,27 @@ use crate::store::Store;
 
 pub use error::WebError;
 
+/// The client's address, for the audit trail (`ConnectInfo<ClientAddr>`, plain or HTTPS).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
 /// Rendered frames decoded at once (each holds a frame in memory and a core busy).
 const RENDER_SLOTS: usize = 2;
 
@@ -47,6 +68,8 @@ pub struct WebState {
     pub render_slots: Arc<Semaphore>,
     /// Who may do what on the port.
     pub auth: Arc<auth::Authenticator>,
+    /// The audit trail (requests, authentication failures).
+    pub audit: crate::audit::AuditLog,
 }
 
 impl WebState {
@@ -66,7 +89,14 @@ impl WebState {
             config,
             render_slots: Arc::new(Semaphore::new(RENDER_SLOTS)),
             auth,
+            audit: crate::audit::AuditLog::disabled(),
         }
+    }
+
+    /// Record requests and authentication failures in `audit`.
+    pub fn with_audit(mut self, audit: crate::audit::AuditLog) -> WebState {
+        self.audit = audit;
+        self
     }
 
     /// `host:port` of the HTTP port as configured, for URLs when a request has no Host.

@@ -2,12 +2,13 @@
 //! (optionally with its source address) must be on `dicom.allowed_peers`, unless
 //! `dicom.allow_any_peer` is set. Rejections carry the PS3.8 reason the peer needs.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use dicom_ul::association::server::AccessControl;
 use dicom_ul::pdu::{AssociationRJServiceUserReason, UserIdentity};
 
+use crate::audit::{AuditEvent, AuditLog, EventType, Outcome};
 use crate::config::AllowedPeer;
 
 #[derive(Debug, Clone)]
@@ -15,6 +16,8 @@ pub struct PeerAccess {
     allow_any: bool,
     peers: Arc<Vec<AllowedPeer>>,
     source: IpAddr,
+    /// Where refusals are recorded, with the peer's address.
+    audit: Option<(AuditLog, SocketAddr)>,
 }
 
 impl PeerAccess {
@@ -23,7 +26,41 @@ impl PeerAccess {
             allow_any,
             peers,
             source: canonical(source),
+            audit: None,
         }
+    }
+
+    /// Record each refusal in the audit trail (the calling AE title, the address, why).
+    pub fn with_audit(mut self, audit: AuditLog, peer: SocketAddr) -> Self {
+        self.audit = Some((audit, peer));
+        self
+    }
+
+    fn refuse(
+        &self,
+        calling: &str,
+        called: &str,
+        reason: AssociationRJServiceUserReason,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        if let Some((audit, peer)) = &self.audit {
+            let why = match reason {
+                AssociationRJServiceUserReason::CalledAETitleNotRecognized => {
+                    format!("called AE title {:?} is not ours", called.trim())
+                }
+                _ => "calling AE title not on dicom.allowed_peers (for this address)".into(),
+            };
+            audit.record(
+                AuditEvent::new(
+                    EventType::AssociationRefused,
+                    Outcome::Refused,
+                    calling.trim(),
+                )
+                .peer(peer)
+                .object(format!("called AE {}", called.trim()))
+                .detail(why),
+            );
+        }
+        Err(reason)
     }
 
     fn calling_allowed(&self, calling: &str) -> bool {
@@ -51,10 +88,18 @@ impl AccessControl for PeerAccess {
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
         if called_ae_title.trim() != this_ae_title.trim() {
-            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+            return self.refuse(
+                calling_ae_title,
+                called_ae_title,
+                AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+            );
         }
         if !self.calling_allowed(calling_ae_title.trim()) {
-            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+            return self.refuse(
+                calling_ae_title,
+                called_ae_title,
+                AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+            );
         }
         Ok(())
     }

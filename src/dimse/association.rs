@@ -56,7 +56,8 @@ pub async fn serve(
     let span = info_span!("association", id, peer = %peer, calling_ae = tracing::field::Empty);
     async move {
         let dicom = &ctx.config.dicom;
-        let access = PeerAccess::new(dicom.allow_any_peer, ctx.allowed_peers.clone(), peer.ip());
+        let access = PeerAccess::new(dicom.allow_any_peer, ctx.allowed_peers.clone(), peer.ip())
+            .with_audit(ctx.audit.clone(), peer);
         let options = server_options(dicom, access);
         let artim = Duration::from_secs(dicom.artim_timeout_secs);
         let deadline = tokio::time::Instant::now() + artim;
@@ -100,7 +101,11 @@ pub async fn serve(
         ctx.metrics.associations_active.inc();
         let contexts = accepted_contexts(&association);
         info!(contexts = contexts.len(), "association accepted");
+        let audit = ctx
+            .audit
+            .association(peer, association.peer_ae_title(), contexts.len());
         let mut handler = Handler {
+            audit: audit.clone(),
             ctx: ctx.clone(),
             association,
             contexts,
@@ -112,6 +117,7 @@ pub async fn serve(
         let ending = handler.run(&shutdown).await;
         let Handler { association, .. } = handler;
         finish(association, ending).await;
+        audit.finish();
         ctx.metrics.associations_active.dec();
     }
     .instrument(span)
@@ -267,6 +273,7 @@ fn receive_error(e: dicom_ul::association::Error) -> Ending {
 
 struct Handler {
     ctx: Arc<ServiceContext>,
+    audit: crate::audit::AssociationAudit,
     association: AsyncServerAssociation<TcpStream>,
     contexts: HashMap<u8, AcceptedContext>,
     command_buf: Vec<u8>,
@@ -391,6 +398,7 @@ impl Handler {
                 if pdv.is_last {
                     if let Some(transfer) = self.transfer.take() {
                         let (request, status) = transfer.finish(&self.ctx).await;
+                        self.audit.store_status(status.code);
                         self.respond(pc_id, "C-STORE", &request, &status).await?;
                     }
                 }
@@ -468,6 +476,7 @@ impl Handler {
             None => return Err(format!("presentation context {pc_id} was not accepted")),
         };
         let ctx = self.ctx.clone();
+        let audit = self.audit.clone();
         let context = find::Context {
             abstract_syntax: &abstract_syntax,
             transfer_syntax: &transfer_syntax,
@@ -485,6 +494,7 @@ impl Handler {
             &request,
             context,
             identifier,
+            &audit,
         )
         .instrument(span)
         .await
@@ -581,6 +591,7 @@ impl Handler {
             sop_instance_uid,
             transfer_syntax_uid: pc.transfer_syntax.clone(),
             calling_ae: self.association.peer_ae_title().to_string(),
+            received: Some(self.audit.tally()),
         };
         let started = Instant::now();
         match self.ctx.store.begin(header).instrument(span.clone()).await {

@@ -165,6 +165,7 @@ pub(crate) async fn serve(
     request: &Request,
     context: Context<'_>,
     identifier: Option<IdentifierBuffer>,
+    audit: &crate::audit::AssociationAudit,
 ) -> Result<(), String> {
     let started = Instant::now();
     let (status, matches, level) =
@@ -191,6 +192,7 @@ pub(crate) async fn serve(
         )
     };
     log(&status);
+    audit.find(level, matches, status.code);
     channel.respond(&status, None).await
 }
 

@@ -23,4 +23,6 @@ pub struct ServiceContext {
     pub metrics: Arc<Metrics>,
     /// The C-FIND SCP (queries the index).
     pub find: find::FindScp,
+    /// The audit trail (associations, received instances, C-FIND).
+    pub audit: crate::audit::AuditLog,
 }

@@ -75,6 +75,7 @@ struct Shared {
     forward: ForwardConfig,
     storage_root: PathBuf,
     node_id: String,
+    audit: crate::audit::AuditLog,
 }
 
 struct Destination {
@@ -89,6 +90,7 @@ pub fn start(
     index: Index,
     metrics: Arc<Metrics>,
     node_id: String,
+    audit: crate::audit::AuditLog,
     shutdown: CancellationToken,
 ) -> Forwarding {
     let shared = Arc::new(Shared {
@@ -97,6 +99,7 @@ pub fn start(
         forward: config.forward.clone(),
         storage_root: config.storage.path.clone(),
         node_id,
+        audit,
     });
     let destinations: Vec<Arc<Destination>> = config
         .destinations
@@ -304,6 +307,7 @@ async fn send_batch(
     shutdown: &CancellationToken,
 ) -> Option<Duration> {
     let started = Instant::now();
+    let audit = BatchAudit::new(d, &jobs);
     let items: Vec<(String, String)> = jobs
         .iter()
         .filter_map(|j| match (&j.kind, &j.instance) {
@@ -342,6 +346,14 @@ async fn send_batch(
                 recorder.send(outcome);
             }
             let pause = (!permanent).then(|| s.forward.backoff_secs(max_attempts));
+            audit.record(
+                s,
+                false,
+                format!(
+                    "no association: {e}; {} jobs, {dead} dead-lettered",
+                    jobs.len()
+                ),
+            );
             if dead > 0 {
                 error!(error = %e, jobs = jobs.len(), dead, "no association: jobs dead-lettered");
             } else {
@@ -440,6 +452,11 @@ async fn send_batch(
                     recorder.send(Outcome::Release { id: j.id });
                 }
                 assoc.abort().await;
+                audit.record(
+                    s,
+                    false,
+                    format!("{sent} sent, {failed} failed; interrupted: {e}"),
+                );
                 info!(
                     sent,
                     failed,
@@ -451,6 +468,7 @@ async fn send_batch(
         }
     }
     assoc.release().await;
+    audit.record(s, failed == 0, format!("{sent} sent, {failed} failed"));
     info!(
         sent,
         failed,
@@ -458,6 +476,56 @@ async fn send_batch(
         "batch forwarded"
     );
     None
+}
+
+/// One audit event per batch (an association to a destination): its series, how it went.
+struct BatchAudit {
+    destination: String,
+    peer: String,
+    calling_ae: String,
+    studies: Vec<String>,
+    series: Vec<String>,
+}
+
+impl BatchAudit {
+    fn new(d: &Destination, jobs: &[Job]) -> BatchAudit {
+        let mut studies: Vec<String> = Vec::new();
+        let mut series: Vec<String> = Vec::new();
+        for j in jobs {
+            if !studies.contains(&j.study_uid) {
+                studies.push(j.study_uid.clone());
+            }
+            if !series.contains(&j.series_uid) {
+                series.push(j.series_uid.clone());
+            }
+        }
+        BatchAudit {
+            destination: format!("destination {} (AE {})", d.name, d.peer.ae_title),
+            peer: format!("{}:{}", d.peer.host, d.peer.port),
+            calling_ae: d.peer.calling_ae_title.clone(),
+            studies,
+            series,
+        }
+    }
+
+    fn record(&self, s: &Shared, ok: bool, detail: String) {
+        let outcome = if ok {
+            crate::audit::Outcome::Success
+        } else {
+            crate::audit::Outcome::Failure
+        };
+        s.audit.record(
+            crate::audit::AuditEvent::new(
+                crate::audit::EventType::Forward,
+                outcome,
+                &self.calling_ae,
+            )
+            .peer(&self.peer)
+            .object(self.destination.clone())
+            .uids(&self.studies, &self.series)
+            .detail(detail),
+        );
+    }
 }
 
 /// The outcome of a C-STORE-RSP.

@@ -90,6 +90,9 @@ pub struct IncomingHeader {
     pub sop_instance_uid: String,
     pub transfer_syntax_uid: String,
     pub calling_ae: String,
+    /// The association's audit tally: each committed instance is added (with its study and
+    /// series UIDs) so the association's end can record what it received.
+    pub received: Option<std::sync::Arc<crate::audit::ReceivedTally>>,
 }
 
 /// How a commit ended.
@@ -324,6 +327,9 @@ impl Store {
             match same.map_err(StoreError::io("comparing with the stored instance"))? {
                 Some(true) => {
                     self.metrics.duplicate("identical");
+                    if let Some(t) = &incoming.header.received {
+                        t.stored(&study_uid, &series_uid);
+                    }
                     return Ok(StoreOutcome::Identical);
                 }
                 None => {} // the indexed file is gone: store this one in its place
@@ -331,6 +337,9 @@ impl Store {
                     DuplicatePolicy::KeepFirst => {
                         warn!(sop_instance_uid = %sop_uid, "different content for a stored SOP Instance UID; keeping the first (storage.duplicates = keep-first)");
                         self.metrics.duplicate("kept_first");
+                        if let Some(t) = &incoming.header.received {
+                            t.stored(&study_uid, &series_uid);
+                        }
                         return Ok(StoreOutcome::KeptFirst);
                     }
                     DuplicatePolicy::Reject => {
@@ -367,6 +376,11 @@ impl Store {
             });
         }
 
+        let tally = incoming
+            .header
+            .received
+            .as_ref()
+            .map(|t| (t.clone(), study_uid.clone(), series_uid.clone()));
         let record = InstanceRecord {
             sop_class_uid: incoming.header.sop_class_uid.clone(),
             sop_instance_uid: sop_uid,
@@ -392,6 +406,9 @@ impl Store {
             }
         }
         self.metrics.instances_stored.inc();
+        if let Some((t, study_uid, series_uid)) = tally {
+            t.stored(&study_uid, &series_uid);
+        }
         tracing::debug!(
             sync_inspect_us = synced.as_micros() as u64,
             place_us = (moved - synced).as_micros() as u64,

@@ -18,7 +18,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Request, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -31,6 +33,7 @@ use sha2::{Digest, Sha256};
 
 use super::page::{escape, STYLE};
 use super::WebState;
+use crate::audit::{AuditEvent, EventType, Outcome};
 use crate::config::HttpConfig;
 
 /// The cookie the login form sets (HttpOnly, SameSite=Strict, Secure over HTTPS).
@@ -701,6 +704,39 @@ fn is_page(path: &str) -> bool {
     matches!(path, "/" | "/ui")
 }
 
+/// Requests recorded in the audit trail when they pass: DICOMweb and the page (not the
+/// Prometheus scrapes and health checks, which would drown it). Refusals are always recorded.
+fn is_audited(path: &str) -> bool {
+    path.starts_with("/dicom-web") || is_page(path)
+}
+
+/// An HTTP request for the audit trail: the path only, never the query string (a QIDO-RS
+/// query may name a patient).
+fn audit_request(
+    state: &WebState,
+    peer: Option<SocketAddr>,
+    event_type: EventType,
+    outcome: Outcome,
+    actor: &str,
+    route: String,
+    detail: String,
+) {
+    let mut event = AuditEvent::new(event_type, outcome, actor)
+        .object(route)
+        .detail(detail);
+    if let Some(peer) = peer {
+        event = event.peer(peer);
+    }
+    state.audit.record(event);
+}
+
+fn peer_of(request: &Request) -> Option<SocketAddr> {
+    request
+        .extensions()
+        .get::<ConnectInfo<super::ClientAddr>>()
+        .map(|c| c.0 .0)
+}
+
 /// Every request passes here before its route.
 pub async fn require(State(state): State<WebState>, mut request: Request, next: Next) -> Response {
     let auth = &state.auth;
@@ -708,16 +744,57 @@ pub async fn require(State(state): State<WebState>, mut request: Request, next: 
     let Some(role) = required_role(request.method(), &path, auth.metrics_open) else {
         return next.run(request).await;
     };
+    let peer = peer_of(&request);
+    let route = format!("{} {path}", request.method());
     match auth.check(request.headers(), role) {
         Ok(principal) => {
+            let who = principal.name.clone();
             request.extensions_mut().insert(principal);
-            next.run(request).await
+            let response = next.run(request).await;
+            if is_audited(&path) {
+                let status = response.status();
+                let outcome = match status.as_u16() {
+                    0..=399 => Outcome::Success,
+                    401 | 403 => Outcome::Refused,
+                    _ => Outcome::Failure,
+                };
+                audit_request(
+                    &state,
+                    peer,
+                    EventType::HttpRequest,
+                    outcome,
+                    &who,
+                    route,
+                    format!("status {}", status.as_u16()),
+                );
+            }
+            response
         }
         Err(rejection) => {
             match &rejection {
                 Rejection::Missing => tracing::debug!(%path, "HTTP request without credentials"),
                 other => tracing::info!(%path, reason = %other, "HTTP request refused"),
             }
+            let (event_type, outcome, who, status) = match &rejection {
+                Rejection::Forbidden { who, .. } => {
+                    (EventType::HttpRequest, Outcome::Refused, who.as_str(), 403)
+                }
+                _ => (
+                    EventType::AuthFailure,
+                    Outcome::Failure,
+                    "unauthenticated",
+                    401,
+                ),
+            };
+            audit_request(
+                &state,
+                peer,
+                event_type,
+                outcome,
+                who,
+                route,
+                format!("status {status}: {rejection}"),
+            );
             refuse(&rejection, is_page(&path))
         }
     }
@@ -801,7 +878,12 @@ pub struct LoginForm {
 
 /// `POST /login`: a token good for `read` becomes the session cookie; the answer sends the
 /// browser on to the page (a same-site navigation, so the SameSite=Strict cookie goes along).
-pub async fn login(State(state): State<WebState>, Form(form): Form<LoginForm>) -> Response {
+pub async fn login(
+    State(state): State<WebState>,
+    peer: Option<axum::Extension<ConnectInfo<super::ClientAddr>>>,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let peer = peer.map(|axum::Extension(ConnectInfo(p))| p.0);
     let token = form.token.trim();
     let cookie_safe = token
         .bytes()
@@ -814,6 +896,15 @@ pub async fn login(State(state): State<WebState>, Form(form): Form<LoginForm>) -
     let refused = match principal {
         Ok(p) if p.has(Role::Read) => {
             tracing::info!(who = %p.name, "signed in to the web page");
+            audit_request(
+                &state,
+                peer,
+                EventType::HttpRequest,
+                Outcome::Success,
+                &p.name,
+                "POST /login".into(),
+                "signed in to the web page".into(),
+            );
             let secure = if state.auth.tls { "; Secure" } else { "" };
             let cookie = format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict{secure}");
             let Ok(cookie) = HeaderValue::from_str(&cookie) else {
@@ -847,6 +938,21 @@ pub async fn login(State(state): State<WebState>, Form(form): Form<LoginForm>) -
         Err(why) => Rejection::Invalid(why),
     };
     tracing::info!(reason = %refused, "web page sign-in refused");
+    let (event_type, outcome, who) = match &refused {
+        Rejection::Forbidden { who, .. } => {
+            (EventType::HttpRequest, Outcome::Refused, who.as_str())
+        }
+        _ => (EventType::AuthFailure, Outcome::Failure, "unauthenticated"),
+    };
+    audit_request(
+        &state,
+        peer,
+        event_type,
+        outcome,
+        who,
+        "POST /login".into(),
+        format!("sign-in refused: {refused}"),
+    );
     refuse(&refused, true)
 }
 

@@ -523,6 +523,8 @@ async fn ingest(
         sop_instance_uid: trim_uid(&meta.sop_instance_uid).to_string(),
         transfer_syntax_uid: ts.to_string(),
         calling_ae: STOW_AE_TITLE.to_string(),
+        // STOW-RS is audited by its HTTP request.
+        received: None,
     };
     let stored = async {
         let mut incoming = state.store.begin(header).await?;
