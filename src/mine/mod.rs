@@ -20,6 +20,7 @@ pub mod archive;
 pub mod dimse;
 pub mod labels;
 pub mod output;
+pub mod range;
 mod run;
 pub mod scp;
 pub mod settings;
