@@ -180,6 +180,11 @@ impl Walk {
         }
     }
 
+    /// Spans still to ask for (the pages not yet asked for, at the start).
+    pub fn pending(&self) -> usize {
+        self.stack.len()
+    }
+
     /// Ask for the next span; `None` when the window is done. A capped span is split (its
     /// halves are asked for next) and its answers come back all the same.
     pub async fn next<F: FindStudies>(
@@ -351,6 +356,38 @@ mod tests {
         // What a capped one-second span answered is kept; the rest is reported.
         assert_eq!(walk.counts.unresolved, 1, "{:?}", walk.counts);
         assert_eq!(seen.len(), 8, "{seen:?}");
+    }
+
+    #[test]
+    fn pages_are_walked_in_date_order_and_an_empty_page_is_counted() {
+        let archive = FakeArchive {
+            studies: vec![
+                study("late", "20240105", 10),
+                study("early", "20240101", 10),
+            ],
+            limit: 0,
+            asked: RefCell::default(),
+        };
+        let mut walk = Walk::new(d("20240101"), d("20240112"), 4);
+        assert_eq!(walk.pending(), 3);
+        let mut order = Vec::new();
+        futures_executor(async {
+            while let Some(step) = walk.next(&archive).await {
+                for a in step.unwrap().answers {
+                    order.push(a.text(tags::STUDY_INSTANCE_UID));
+                }
+            }
+        });
+        assert_eq!(order, ["early", "late"]);
+        assert_eq!(
+            *archive.asked.borrow(),
+            [
+                "20240101-20240104",
+                "20240105-20240108",
+                "20240109-20240112"
+            ]
+        );
+        assert_eq!((walk.counts.queries, walk.counts.empty), (3, 1));
     }
 
     #[test]

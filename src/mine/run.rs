@@ -177,6 +177,14 @@ async fn mine(args: MineArgs, config: Config) -> Result<u8, Fatal> {
         "mining"
     );
     let walk = Walk::new(plan.since, plan.until, config.archive.query_page_days);
+    if walk.pending() > 100 {
+        warn!(
+            pages = walk.pending(),
+            query_page_days = config.archive.query_page_days,
+            "archive.query_page_days cuts the window into many pages, one study query each \
+             (set 0 to query the whole window and split only what the archive caps)"
+        );
+    }
     let miner = Miner {
         progress: Progress::new(),
         rules_hash: rules_hash(&config),
