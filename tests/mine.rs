@@ -1375,7 +1375,7 @@ fn restudied(work: &Path, series: &Series, root: &str, date: &str, time: &str) -
 
 /// `mine` over 40 years (1984-2025) with the archive key `query_page_days` at its default
 /// and `mine.max_requests_per_second` at its default (10).
-fn mine_forty_years(config: &Path, out: &Path) -> Output {
+fn mine_forty_years(config: &Path, out: &Path, env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_anatomy-node"))
         .args(["mine", "--config"])
         .arg(config)
@@ -1385,6 +1385,7 @@ fn mine_forty_years(config: &Path, out: &Path) -> Output {
         .env_remove("RUST_LOG")
         .env("ANATOMY_ARCHIVE__QUERY_PAGE_DAYS", "0")
         .env("ANATOMY_MINE__MAX_REQUESTS_PER_SECOND", "10")
+        .envs(env.iter().copied())
         .output()
         .expect("run anatomy-node mine")
 }
@@ -1418,12 +1419,12 @@ fn a_forty_year_window_takes_a_handful_of_queries_and_a_capped_archive_loses_no_
         let config = s.config("get", "");
         let out = work.join("dataset");
         let started = std::time::Instant::now();
-        let run = mine_forty_years(&config, &out);
+        let run = mine_forty_years(&config, &out, &[]);
         let seconds = started.elapsed().as_secs_f64();
         assert_exit(&run, 0);
-        let stats = stats(&out);
-        let q = &stats["queries"];
-        assert_eq!(stats["studies_found"], studies, "limit {limit}: {stats}");
+        let report = stats(&out);
+        let q = &report["queries"];
+        assert_eq!(report["studies_found"], studies, "limit {limit}: {report}");
         assert_eq!(q["unresolved"], 0, "{q}");
         let queries = q["queries"].as_u64().expect("queries");
         if limit == 0 {
@@ -1444,7 +1445,28 @@ fn a_forty_year_window_takes_a_handful_of_queries_and_a_capped_archive_loses_no_
         assert!(seconds < 60.0, "{seconds} s");
         eprintln!(
             "limit {limit}: {studies} studies, {queries} study queries, {seconds:.1} s, timing {}: {q}",
-            stats["timing"]
+            report["timing"]
         );
+        if limit == 0 {
+            continue;
+        }
+        // QIDO-RS: Orthanc's DICOMweb plugin under LimitFindResults = 2 answers 3 of the 5
+        // studies, with no Warning header; only archive.find_answer_limit tells.
+        let config = s.config("dicomweb", "");
+        let silent = work.join("dataset-web-silent");
+        let run = mine_forty_years(&config, &silent, &[]);
+        assert_exit(&run, 0);
+        assert_eq!(stats(&silent)["studies_found"], 3, "{}", stats(&silent));
+        let web = work.join("dataset-web");
+        let run = mine_forty_years(
+            &config,
+            &web,
+            &[("ANATOMY_ARCHIVE__FIND_ANSWER_LIMIT", "2")],
+        );
+        assert_exit(&run, 0);
+        let report = stats(&web);
+        assert_eq!(report["studies_found"], studies, "QIDO-RS: {report}");
+        assert_eq!(report["queries"]["unresolved"], 0, "{report}");
+        eprintln!("QIDO-RS, find_answer_limit 2: {}", report["queries"]);
     }
 }
