@@ -9,7 +9,8 @@
 //! killed with SIGKILL is completed by the next without duplicates, two runs at once (exit
 //! 75, or waiting); every exit code (2, 1, 3 with retries and giving up, 4 by window and by
 //! SIGTERM); pseudo labels from the node's own predictions, above a threshold, marked and
-//! never over a human label. Every test runs on SQLite and, via tests/run-all.sh, on
+//! never over a human label; mining by range (issue #19): one C-FIND for studies 40 years
+//! apart, and every study from an archive that caps its answers (C-FIND and QIDO-RS). Every test runs on SQLite and, via tests/run-all.sh, on
 //! PostgreSQL.
 
 mod common;
