@@ -1471,3 +1471,32 @@ fn a_forty_year_window_takes_a_handful_of_queries_and_a_capped_archive_loses_no_
         eprintln!("QIDO-RS, find_answer_limit 2: {}", report["queries"]);
     }
 }
+
+/// Three studies in the same second of one day, an archive that answers two: the range
+/// cannot be split further, and the run says so (counted, in the errors, exit 3), never
+/// silently.
+#[test]
+fn a_range_still_capped_in_one_second_is_reported_and_the_exit_code_is_3() {
+    let s = Setup::capped(2);
+    let work = s.work();
+    let base = synthetic(work, 61);
+    for i in 0..3 {
+        let root = format!("1.2.826.0.1.3680043.10.543.19.9.{i}");
+        let copy = restudied(work, &base, &root, "20100505", "101010");
+        s.orthanc.upload_all(&copy.files);
+    }
+    let config = s.config("get", "");
+    let out = work.join("dataset");
+    let run = mine_forty_years(&config, &out, &[]);
+    assert_exit(&run, 3);
+    let report = stats(&out);
+    assert_eq!(report["queries"]["unresolved"], 1, "{report}");
+    assert_eq!(report["studies_found"], 2, "{report}");
+    let errors = report["errors"].to_string();
+    assert!(
+        errors.contains("20100505 101010-101010.999999") && errors.contains("may be missing"),
+        "{errors}"
+    );
+    let text = common::text(&run);
+    assert!(text.contains("studies there may be missing"), "{text}");
+}
