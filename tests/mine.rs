@@ -9,7 +9,8 @@
 //! killed with SIGKILL is completed by the next without duplicates, two runs at once (exit
 //! 75, or waiting); every exit code (2, 1, 3 with retries and giving up, 4 by window and by
 //! SIGTERM); pseudo labels from the node's own predictions, above a threshold, marked and
-//! never over a human label. Every test runs on SQLite and, via tests/run-all.sh, on
+//! never over a human label; mining by range (issue #19): one C-FIND for studies 40 years
+//! apart, and every study from an archive that caps its answers (C-FIND and QIDO-RS). Every test runs on SQLite and, via tests/run-all.sh, on
 //! PostgreSQL.
 
 mod common;
@@ -208,6 +209,12 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
+        Setup::capped(0)
+    }
+
+    /// An archive that answers a C-FIND with at most `limit` studies (Orthanc's
+    /// `LimitFindResults`; 0: no limit).
+    fn capped(limit: u32) -> Setup {
         let move_port = free_port();
         let orthanc = Orthanc::start(OrthancOptions {
             ae_title: ARCHIVE_AE.into(),
@@ -216,6 +223,7 @@ impl Setup {
             // The miner's AE: allowed to query and retrieve, and the C-MOVE destination.
             modalities: vec![("miner".into(), MINER_AE.into(), move_port)],
             allow_any_query: false,
+            limit_find_results: limit,
         });
         Setup {
             orthanc,
@@ -1328,4 +1336,167 @@ fn exit_codes_for_usage_an_unreachable_archive_the_time_window_and_sigterm() {
     assert_exit(&finished, 0);
     let (_, rows) = manifest(&out);
     assert_eq!(labels(&rows), expected);
+}
+
+/// A copy of `series` as another study: its own Study, Series and SOP Instance UIDs (under
+/// `root`), Study Date and Study Time (DCMTK's dcmodify).
+fn restudied(work: &Path, series: &Series, root: &str, date: &str, time: &str) -> Series {
+    let dir = work.join(format!("restudied-{root}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files: Vec<PathBuf> = series
+        .files
+        .iter()
+        .enumerate()
+        .map(|(k, src)| {
+            let dst = dir.join(format!("{k}.dcm"));
+            std::fs::copy(src, &dst).unwrap();
+            let out = common::dcmtk(
+                "dcmodify",
+                &[
+                    "-nb",
+                    "-m",
+                    &format!("StudyInstanceUID={root}"),
+                    "-m",
+                    &format!("SeriesInstanceUID={root}.1"),
+                    "-m",
+                    &format!("SOPInstanceUID={root}.1.{}", k + 1),
+                    "-m",
+                    &format!("StudyDate={date}"),
+                    "-m",
+                    &format!("StudyTime={time}"),
+                    dst.to_str().unwrap(),
+                ],
+            );
+            assert!(out.status.success(), "dcmodify: {}", common::text(&out));
+            dst
+        })
+        .collect();
+    Series::from_files(files)
+}
+
+/// `mine` over 40 years (1984-2025) with the archive key `query_page_days` at its default
+/// and `mine.max_requests_per_second` at its default (10).
+fn mine_forty_years(config: &Path, out: &Path, env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_anatomy-node"))
+        .args(["mine", "--config"])
+        .arg(config)
+        .arg("--out")
+        .arg(out)
+        .args(["--since", "19840101", "--until", "20251231"])
+        .env_remove("RUST_LOG")
+        .env("ANATOMY_ARCHIVE__QUERY_PAGE_DAYS", "0")
+        .env("ANATOMY_MINE__MAX_REQUESTS_PER_SECOND", "10")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run anatomy-node mine")
+}
+
+/// Issue #19: studies decades apart are found with one C-FIND for the whole window, not one
+/// per day; an archive that caps its answers (Orthanc `LimitFindResults` = 2, five studies,
+/// three on one day) still yields every study, its capped ranges bisected by date and the
+/// crowded day by Study Time; the counts are in the report and the summary.
+#[test]
+fn a_forty_year_window_takes_a_handful_of_queries_and_a_capped_archive_loses_no_study() {
+    // The first three decades apart; the last three on one day.
+    let when = [
+        ("19850312", "120000"),
+        ("20030701", "080000"),
+        ("20240101", "083000"),
+        ("20240101", "101500"),
+        ("20240101", "161000"),
+    ];
+    for (limit, studies) in [(0, 3), (2, 5)] {
+        let s = Setup::capped(limit);
+        let work = s.work();
+        let base = synthetic(work, 60);
+        let mut uids = BTreeSet::new();
+        for (i, (date, time)) in when.iter().take(studies).enumerate() {
+            let root = format!("1.2.826.0.1.3680043.10.543.19.{limit}.{i}");
+            let copy = restudied(work, &base, &root, date, time);
+            s.orthanc.upload_all(&copy.files);
+            uids.insert(copy.study_uid);
+        }
+        assert_eq!(uids.len(), studies);
+        let config = s.config("get", "");
+        let out = work.join("dataset");
+        let started = std::time::Instant::now();
+        let run = mine_forty_years(&config, &out, &[]);
+        let seconds = started.elapsed().as_secs_f64();
+        assert_exit(&run, 0);
+        let report = stats(&out);
+        let q = &report["queries"];
+        assert_eq!(report["studies_found"], studies, "limit {limit}: {report}");
+        assert_eq!(q["unresolved"], 0, "{q}");
+        let queries = q["queries"].as_u64().expect("queries");
+        if limit == 0 {
+            // One C-FIND for 42 years (not 15,341, one a day).
+            assert_eq!(queries, 1, "{q}");
+            assert_eq!(q["capped"], 0, "{q}");
+        } else {
+            // Capped: split until no answer is capped, the crowded day by Study Time.
+            assert!(q["capped"].as_u64().unwrap() >= 2, "{q}");
+            assert_eq!(q["days_split_by_time"], 1, "{q}");
+            assert!(queries < 60, "{q}");
+        }
+        let text = common::text(&run);
+        assert!(
+            text.contains(&format!("study queries: {queries} (")),
+            "{text}"
+        );
+        assert!(seconds < 60.0, "{seconds} s");
+        eprintln!(
+            "limit {limit}: {studies} studies, {queries} study queries, {seconds:.1} s, timing {}: {q}",
+            report["timing"]
+        );
+        if limit == 0 {
+            continue;
+        }
+        // QIDO-RS: Orthanc's DICOMweb plugin under LimitFindResults = 2 answers 3 of the 5
+        // studies, with no Warning header; only archive.find_answer_limit tells.
+        let config = s.config("dicomweb", "");
+        let silent = work.join("dataset-web-silent");
+        let run = mine_forty_years(&config, &silent, &[]);
+        assert_exit(&run, 0);
+        assert_eq!(stats(&silent)["studies_found"], 3, "{}", stats(&silent));
+        let web = work.join("dataset-web");
+        let run = mine_forty_years(
+            &config,
+            &web,
+            &[("ANATOMY_ARCHIVE__FIND_ANSWER_LIMIT", "2")],
+        );
+        assert_exit(&run, 0);
+        let report = stats(&web);
+        assert_eq!(report["studies_found"], studies, "QIDO-RS: {report}");
+        assert_eq!(report["queries"]["unresolved"], 0, "{report}");
+        eprintln!("QIDO-RS, find_answer_limit 2: {}", report["queries"]);
+    }
+}
+
+/// Three studies in the same second of one day, an archive that answers two: the range
+/// cannot be split further, and the run says so (counted, in the errors, exit 3), never
+/// silently.
+#[test]
+fn a_range_still_capped_in_one_second_is_reported_and_the_exit_code_is_3() {
+    let s = Setup::capped(2);
+    let work = s.work();
+    let base = synthetic(work, 61);
+    for i in 0..3 {
+        let root = format!("1.2.826.0.1.3680043.10.543.19.9.{i}");
+        let copy = restudied(work, &base, &root, "20100505", "101010");
+        s.orthanc.upload_all(&copy.files);
+    }
+    let config = s.config("get", "");
+    let out = work.join("dataset");
+    let run = mine_forty_years(&config, &out, &[]);
+    assert_exit(&run, 3);
+    let report = stats(&out);
+    assert_eq!(report["queries"]["unresolved"], 1, "{report}");
+    assert_eq!(report["studies_found"], 2, "{report}");
+    let errors = report["errors"].to_string();
+    assert!(
+        errors.contains("20100505 101010-101010.999999") && errors.contains("may be missing"),
+        "{errors}"
+    );
+    let text = common::text(&run);
+    assert!(text.contains("studies there may be missing"), "{text}");
 }

@@ -194,6 +194,7 @@ fn archive(data: &Path) -> Orthanc {
         // C-GET needs no port of ours; Orthanc answers only the AE titles it knows.
         modalities: vec![("miner".into(), MINER_AE.into(), common::free_port())],
         allow_any_query: false,
+        limit_find_results: 0,
     });
     for case in CASES {
         orthanc.upload_all(&case_files(data, case));

@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 
 use super::answer::Answer;
 use super::dimse::{self, Peer, QrAssociation, QrError, Service, Timeouts, MAX_ANSWERS};
+use super::range::Found;
 use super::scp::StorageScp;
 use super::settings::{ArchiveConfig, MineConfig, Retrieve};
 use super::spool::Spool;
@@ -161,6 +162,8 @@ pub enum ArchiveError {
     Dimse(#[from] QrError),
     #[error(transparent)]
     Web(#[from] WebError),
+    #[error("the archive capped its answer at {0} (more match); a query that must be whole")]
+    Capped(usize),
     #[error("{0}")]
     Other(String),
 }
@@ -315,12 +318,15 @@ impl Archive {
         )
     }
 
+    /// A paced request in one of the `mine.max_concurrent_retrieves` slots.
     async fn timed<T>(&self, f: impl std::future::Future<Output = T>) -> T {
         let _slot = self.slots.acquire().await;
-        let throttled = Instant::now();
-        self.limiter.acquire().await;
-        self.throttled_us
-            .fetch_add(throttled.elapsed().as_micros() as u64, Ordering::Relaxed);
+        self.limiter_slot().await;
+        self.count(f).await
+    }
+
+    /// A request, its time and itself counted.
+    async fn count<T>(&self, f: impl std::future::Future<Output = T>) -> T {
         let started = Instant::now();
         let out = f.await;
         self.waited_us
@@ -329,7 +335,56 @@ impl Archive {
         out
     }
 
+    /// A query whose answer must be whole: an answer the archive capped is an error.
     pub async fn find(&self, query: &Query) -> Result<Vec<Answer>, ArchiveError> {
+        let (answers, capped) = {
+            let _slot = self.slots.acquire().await;
+            self.limiter_slot().await;
+            self.find_unpaced(query).await?
+        };
+        if capped {
+            return Err(ArchiveError::Capped(answers.len()));
+        }
+        Ok(answers)
+    }
+
+    /// A study query of the date walk ([`super::range`]): the answer, and whether the
+    /// archive capped it (a C-FIND Cancel or warning status, `limit` answers or more where
+    /// `limit` is not 0, or more than one query may hold). Only a query that found studies
+    /// counts against `mine.max_requests_per_second`: an empty range costs no wait.
+    pub async fn find_studies(&self, query: &Query, limit: usize) -> Result<Found, ArchiveError> {
+        let answer = {
+            let _slot = self.slots.acquire().await;
+            self.find_unpaced(query).await
+        };
+        let found = match answer {
+            Ok((answers, capped)) => Found {
+                capped: capped || (limit > 0 && answers.len() >= limit),
+                answers,
+            },
+            Err(ArchiveError::Dimse(QrError::TooManyAnswers))
+            | Err(ArchiveError::Web(WebError::TooManyAnswers { .. })) => Found {
+                answers: Vec::new(),
+                capped: true,
+            },
+            Err(e) => return Err(e),
+        };
+        if !found.answers.is_empty() || found.capped {
+            self.limiter_slot().await;
+        }
+        Ok(found)
+    }
+
+    /// Wait for the rate limit, counting the wait.
+    async fn limiter_slot(&self) {
+        let throttled = Instant::now();
+        self.limiter.acquire().await;
+        self.throttled_us
+            .fetch_add(throttled.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// A query, unpaced: the answers and whether the archive capped them.
+    async fn find_unpaced(&self, query: &Query) -> Result<(Vec<Answer>, bool), ArchiveError> {
         match &self.kind {
             Kind::Dimse {
                 peer,
@@ -338,14 +393,14 @@ impl Archive {
                 ..
             } => {
                 let identifier = query.identifier();
-                self.timed(async {
+                self.count(async {
                     let mut assoc =
                         QrAssociation::open(peer, Service::Find, *max_pdu_length, *timeouts)
                             .await?;
                     match assoc.find(&identifier).await {
-                        Ok(answers) => {
+                        Ok((answers, capped)) => {
                             assoc.release().await;
-                            Ok(answers.iter().map(Answer::from_dicom).collect())
+                            Ok((answers.iter().map(Answer::from_dicom).collect(), capped))
                         }
                         Err(e) => {
                             assoc.abort().await;
@@ -358,12 +413,13 @@ impl Archive {
             Kind::Web(web) => {
                 let web = web.clone();
                 let (path, params, fields) = query.qido();
-                self.timed(async move {
+                self.count(async move {
                     tokio::task::spawn_blocking(move || {
                         web.search(&path, &params, &fields, MAX_ANSWERS)
                     })
                     .await
                     .map_err(|e| ArchiveError::Other(format!("QIDO-RS task: {e}")))?
+                    .map(|answers| (answers, false))
                     .map_err(ArchiveError::from)
                 })
                 .await

@@ -39,8 +39,8 @@ const C_GET_RQ: u16 = 0x0010;
 const C_MOVE_RQ: u16 = 0x0021;
 const C_STORE_RQ: u16 = 0x0001;
 
-/// More answers than this to one query means the query is too wide (make
-/// `archive.query_page_days` smaller); the association is aborted rather than filling memory.
+/// More answers than this to one query means the query is too wide; the association is
+/// aborted rather than filling memory (a study query is then split, as a capped answer).
 pub const MAX_ANSWERS: usize = 100_000;
 
 /// The SOP classes `mine` retrieves: CT images and the documents that point at key-images.
@@ -89,7 +89,7 @@ pub enum QrError {
         status: u16,
         comment: Option<String>,
     },
-    #[error("more than {MAX_ANSWERS} answers to one query; make archive.query_page_days smaller")]
+    #[error("more than {MAX_ANSWERS} answers to one query")]
     TooManyAnswers,
     #[error("writing a retrieved instance: {0}")]
     Spool(std::io::Error),
@@ -216,11 +216,13 @@ impl QrAssociation {
             .ok_or_else(|| QrError::NotAccepted(model.to_string()))
     }
 
-    /// C-FIND: every answer's identifier.
+    /// C-FIND: every answer's identifier, and whether the archive capped the answer (its
+    /// final status Cancel FE00, as Orthanc answers when `LimitFindResults` is reached, or a
+    /// warning Bxxx): more studies match than came.
     pub async fn find(
         &mut self,
         identifier: &InMemDicomObject,
-    ) -> Result<Vec<InMemDicomObject>, QrError> {
+    ) -> Result<(Vec<InMemDicomObject>, bool), QrError> {
         let (context, ts) = self.context_of(STUDY_ROOT_FIND)?;
         let message_id = self
             .send_request(context, C_FIND_RQ, STUDY_ROOT_FIND, None, identifier, &ts)
@@ -241,7 +243,8 @@ impl QrAssociation {
             }
             if !is_pending(rsp.status) {
                 return match rsp.status {
-                    Status::SUCCESS => Ok(answers),
+                    Status::SUCCESS => Ok((answers, false)),
+                    status if is_capped(status) => Ok((answers, true)),
                     status => Err(QrError::Status {
                         service: "C-FIND",
                         status,
@@ -582,6 +585,12 @@ impl Response {
     }
 }
 
+/// A final C-FIND status that says the answer is incomplete: Cancel (FE00, Orthanc's
+/// `LimitFindResults`) or a warning (Bxxx).
+pub fn is_capped(status: u16) -> bool {
+    status == 0xFE00 || status & 0xF000 == 0xB000
+}
+
 fn is_pending(status: u16) -> bool {
     matches!(status, 0xFF00 | 0xFF01)
 }
@@ -698,5 +707,6 @@ mod tests {
         ));
         assert!(rsp(0).check_for(2).is_err());
         assert!(is_pending(0xFF00) && is_pending(0xFF01) && !is_pending(0));
+        assert!(is_capped(0xFE00) && is_capped(0xB000) && !is_capped(0) && !is_capped(0xA700));
     }
 }

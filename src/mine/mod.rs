@@ -20,6 +20,7 @@ pub mod archive;
 pub mod dimse;
 pub mod labels;
 pub mod output;
+pub mod range;
 mod run;
 pub mod scp;
 pub mod settings;
@@ -56,7 +57,9 @@ pub mod exit {
             OK => "complete",
             FAILED => "failed",
             USAGE => "usage or configuration error",
-            PARTIAL => "complete except some studies (retried next run)",
+            PARTIAL => {
+                "complete except some studies (retried next run, or in a range the archive caps)"
+            }
             STOPPED => "stopped early (time window or signal); resumes next run",
             LOCKED => "another run holds the lock",
             _ => "unknown",

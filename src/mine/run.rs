@@ -1,7 +1,7 @@
 //! One run of `anatomy-node mine`, study by study (see the module documentation).
 //!
-//! [`start`]: dates, lock, dataset folder, archive; then, per page of Study Dates and
-//! per study ([`study`]): what the label sources say ([`claims`]), retrieval and
+//! [`start`]: dates, lock, dataset folder, archive; then, per range of Study Dates the
+//! archive answers whole ([`super::range`]) and per study ([`study`]): what the label sources say ([`claims`]), retrieval and
 //! conversion of what got a label ([`convert`]), the study's commit; at the end the
 //! dataset's files, the report and the exit code ([`summary`]).
 
@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use chrono::{Local, NaiveDate, Timelike};
+use chrono::{Local, Timelike};
 use dicom_dictionary_std::tags;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
@@ -29,6 +29,7 @@ use super::archive::{Archive, ArchiveError, Level, Query};
 use super::exit;
 use super::labels::{Claim, RisLabels};
 use super::output::Keyer;
+use super::range::{FindStudies, Found, Span, Walk};
 use super::settings::TimeWindow;
 use super::state::State;
 use super::MineArgs;
@@ -175,9 +176,17 @@ async fn mine(args: MineArgs, config: Config) -> Result<u8, Fatal> {
         out = %output.dir.display(),
         "mining"
     );
-    let pages = date_pages(plan.since, plan.until, config.archive.query_page_days);
+    let walk = Walk::new(plan.since, plan.until, config.archive.query_page_days);
+    if walk.pending() > 100 {
+        warn!(
+            pages = walk.pending(),
+            query_page_days = config.archive.query_page_days,
+            "archive.query_page_days cuts the window into many pages, one study query each \
+             (set 0 to query the whole window and split only what the archive caps)"
+        );
+    }
     let miner = Miner {
-        progress: Progress::new(pages.len() as u64),
+        progress: Progress::new(),
         rules_hash: rules_hash(&config),
         config: Arc::new(config),
         archive,
@@ -197,7 +206,7 @@ async fn mine(args: MineArgs, config: Config) -> Result<u8, Fatal> {
         write_us: AtomicU64::new(0),
         commit_us: AtomicU64::new(0),
     };
-    let code = miner.mine_all(&pages, started, &since, &until).await?;
+    let code = miner.mine_all(walk, started, &since, &until).await?;
     lock.release().await;
     index.close().await;
     Ok(code)
@@ -215,22 +224,6 @@ fn spawn_signal_watch(miner: Arc<Miner>) -> tokio::task::JoinHandle<()> {
             _ = tokio::signal::ctrl_c() => miner.halt("SIGINT"),
         }
     })
-}
-
-/// `YYYYMMDD` or `YYYYMMDD-YYYYMMDD` ranges covering `since..=until`, `days` at a time.
-fn date_pages(since: NaiveDate, until: NaiveDate, days: u32) -> Vec<String> {
-    let mut pages = Vec::new();
-    let mut start = since;
-    while start <= until {
-        let end = (start + chrono::Duration::days(i64::from(days.max(1)) - 1)).min(until);
-        pages.push(if start == end {
-            start.format("%Y%m%d").to_string()
-        } else {
-            format!("{}-{}", start.format("%Y%m%d"), end.format("%Y%m%d"))
-        });
-        start = end + chrono::Duration::days(1);
-    }
-    pages
 }
 
 /// What decides which images get which labels: when it changes, studies are looked at again.
@@ -286,7 +279,7 @@ impl Miner {
     /// finish the run: its exit code.
     async fn mine_all(
         mut self,
-        pages: &[String],
+        walk: Walk,
         started: Instant,
         since: &str,
         until: &str,
@@ -296,7 +289,7 @@ impl Miner {
                 self.ris_by_study = located;
                 let miner = Arc::new(self);
                 let signals = spawn_signal_watch(miner.clone());
-                let outcome = miner.clone().run(pages).await;
+                let outcome = miner.clone().run(walk).await;
                 signals.abort();
                 let _ = signals.await;
                 (Arc::try_unwrap(miner).ok(), outcome)
@@ -312,22 +305,62 @@ impl Miner {
         Ok(miner.finish(outcome, started, since, until).await)
     }
 
-    /// The run proper: every page of dates. `Err` is fatal.
-    async fn run(self: Arc<Self>, pages: &[String]) -> Result<(), MineError> {
+    /// The run proper: every range of dates the walk asks for, the studies of each mined
+    /// before the next is asked for. `Err` is fatal.
+    async fn run(self: Arc<Self>, mut walk: Walk) -> Result<(), MineError> {
         let mut seen_studies: BTreeSet<String> = BTreeSet::new();
-        for page in pages {
+        let finder = StudyFinder { miner: &self };
+        let outcome = loop {
             if self.stop.is_cancelled() {
-                break;
+                break Ok(());
             }
-            let studies = self.studies_of(page, &mut seen_studies).await?;
+            let step = match walk.next(&finder).await {
+                None => break Ok(()),
+                Some(Ok(step)) => step,
+                Some(Err((span, error))) => {
+                    break Err(MineError::QueryStudies {
+                        page: span.to_string(),
+                        error,
+                    })
+                }
+            };
+            if step.unresolved {
+                self.error(format!(
+                    "the archive caps its answer for studies of {} even in one second of Study Time: \
+                     only {} of them were found (studies there may be missing; raise the archive's \
+                     answer limit)",
+                    step.span,
+                    step.answers.len()
+                ));
+            }
+            let studies: Vec<Answer> = step
+                .answers
+                .into_iter()
+                .filter(|a| {
+                    a.get(tags::STUDY_INSTANCE_UID)
+                        .is_some_and(|uid| seen_studies.insert(uid.to_string()))
+                })
+                .collect();
+            if studies.is_empty() {
+                continue;
+            }
             self.stats().studies_found += studies.len();
-            info!(page = %page, studies = studies.len(), "study date page");
+            self.progress.found(studies.len() as u64);
+            info!(range = %step.span, studies = studies.len(), "studies found");
             let concurrency = self.config.mine.max_concurrent_retrieves;
             futures_util::stream::iter(studies)
                 .for_each_concurrent(concurrency, |study| self.clone().study_in_time(study))
                 .await;
-            self.progress.page_done();
-        }
+        };
+        info!(
+            queries = walk.counts.queries,
+            empty = walk.counts.empty,
+            capped = walk.counts.capped,
+            unresolved = walk.counts.unresolved,
+            "study queries"
+        );
+        self.stats().queries = walk.counts.clone();
+        outcome?;
         let outside = self
             .ris_by_study
             .iter()
@@ -340,41 +373,6 @@ impl Miner {
             outside,
         );
         Ok(())
-    }
-
-    /// The studies of a page of dates not seen on an earlier page (a study whose date
-    /// the archive answers loosely may come twice).
-    async fn studies_of(
-        &self,
-        page: &str,
-        seen_studies: &mut BTreeSet<String>,
-    ) -> Result<Vec<Answer>, MineError> {
-        let query = Query::new(Level::Study)
-            .key(tags::STUDY_DATE, page)
-            .key(tags::MODALITIES_IN_STUDY, self.config.mine.modality.clone())
-            .returns(&[
-                tags::STUDY_INSTANCE_UID,
-                tags::PATIENT_ID,
-                tags::ISSUER_OF_PATIENT_ID,
-                tags::ACCESSION_NUMBER,
-                tags::NUMBER_OF_STUDY_RELATED_INSTANCES,
-                tags::NUMBER_OF_STUDY_RELATED_SERIES,
-            ]);
-        let studies = self
-            .archive
-            .find(&query)
-            .await
-            .map_err(|error| MineError::QueryStudies {
-                page: page.to_string(),
-                error,
-            })?;
-        Ok(studies
-            .into_iter()
-            .filter(|a| {
-                a.get(tags::STUDY_INSTANCE_UID)
-                    .is_some_and(|uid| seen_studies.insert(uid.to_string()))
-            })
-            .collect())
     }
 
     /// Mine a study unless the run is stopping or its time window has closed.
@@ -390,24 +388,42 @@ impl Miner {
         }
         self.study(study).await;
         self.progress.update(&self.stats());
+        self.progress.study_done();
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The study queries of the walk, as the archive answers them.
+struct StudyFinder<'a> {
+    miner: &'a Miner,
+}
 
-    #[test]
-    fn date_pages_cover_the_window() {
-        let d = |s: &str| NaiveDate::parse_from_str(s, "%Y%m%d").unwrap();
-        assert_eq!(
-            date_pages(d("20240130"), d("20240202"), 1),
-            ["20240130", "20240131", "20240201", "20240202"]
-        );
-        assert_eq!(
-            date_pages(d("20240101"), d("20240110"), 7),
-            ["20240101-20240107", "20240108-20240110"]
-        );
-        assert_eq!(date_pages(d("20240101"), d("20240101"), 30), ["20240101"]);
+impl FindStudies for StudyFinder<'_> {
+    async fn find_studies(&self, span: &Span) -> Result<Found, ArchiveError> {
+        let mut query = Query::new(Level::Study)
+            .key(tags::STUDY_DATE, span.study_date())
+            .key(
+                tags::MODALITIES_IN_STUDY,
+                self.miner.config.mine.modality.clone(),
+            )
+            .returns(&[
+                tags::STUDY_INSTANCE_UID,
+                tags::PATIENT_ID,
+                tags::ISSUER_OF_PATIENT_ID,
+                tags::ACCESSION_NUMBER,
+                tags::NUMBER_OF_STUDY_RELATED_INSTANCES,
+                tags::NUMBER_OF_STUDY_RELATED_SERIES,
+            ]);
+        if let Some(time) = span.study_time() {
+            query = query.key(tags::STUDY_TIME, time);
+        }
+        let found = self
+            .miner
+            .archive
+            .find_studies(&query, self.miner.config.archive.find_answer_limit)
+            .await?;
+        if found.capped {
+            info!(range = %span, answers = found.answers.len(), "the archive capped its answer; splitting the range");
+        }
+        Ok(found)
     }
 }

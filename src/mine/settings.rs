@@ -40,8 +40,13 @@ pub struct ArchiveConfig {
     /// Silence allowed while waiting for a response (or a sub-operation) from the archive.
     pub dimse_timeout_secs: u64,
     pub max_pdu_length: u32,
-    /// One study-level query per this many days of Study Date.
+    /// The window is first queried in pages of this many days of Study Date (0: the whole
+    /// window at once); a page the archive caps is split (see `mine::range`).
     pub query_page_days: u32,
+    /// The most answers the archive gives one C-FIND or QIDO-RS search, where it stops
+    /// there without saying so (0: it says so with a Cancel or warning status, or has no
+    /// cap). An answer this long counts as capped and its range is split.
+    pub find_answer_limit: usize,
 }
 
 impl Default for ArchiveConfig {
@@ -58,7 +63,8 @@ impl Default for ArchiveConfig {
             connect_timeout_secs: 10,
             dimse_timeout_secs: 120,
             max_pdu_length: 262_144,
-            query_page_days: 1,
+            query_page_days: 0,
+            find_answer_limit: 0,
         }
     }
 }
@@ -255,9 +261,6 @@ pub fn validate(archive: &ArchiveConfig, mine: &MineConfig) -> Result<(), String
     }
     if !(4096..=16 * 1024 * 1024).contains(&archive.max_pdu_length) {
         return Err("archive.max_pdu_length must be between 4096 and 16777216".into());
-    }
-    if archive.query_page_days == 0 {
-        return Err("archive.query_page_days must be at least 1".into());
     }
     if archive.connect_timeout_secs == 0 || archive.dimse_timeout_secs == 0 {
         return Err(

@@ -28,6 +28,8 @@ pub enum WebError {
     Body { url: String, reason: String },
     #[error("writing a retrieved instance: {0}")]
     Spool(std::io::Error),
+    #[error("{url}: more than {max} answers to one search")]
+    TooManyAnswers { url: String, max: usize },
 }
 
 pub struct DicomWeb {
@@ -84,6 +86,14 @@ impl DicomWeb {
                     reason: e.to_string(),
                 })?;
             let status = response.status().as_u16();
+            // PS3.18 8.3.4.4: "299 ...: There are additional results that can be
+            // requested": a server that capped a page below `limit` says so.
+            let more = response
+                .headers()
+                .get_all("warning")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.to_ascii_lowercase().contains("additional results"));
             if status == 204 {
                 break;
             }
@@ -116,14 +126,12 @@ impl DicomWeb {
                 })?);
             }
             if answers.len() > max_answers {
-                return Err(WebError::Body {
+                return Err(WebError::TooManyAnswers {
                     url,
-                    reason: format!(
-                        "more than {max_answers} answers; make archive.query_page_days smaller"
-                    ),
+                    max: max_answers,
                 });
             }
-            if n < PAGE {
+            if n == 0 || (n < PAGE && !more) {
                 break;
             }
         }

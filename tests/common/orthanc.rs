@@ -37,6 +37,10 @@ pub struct OrthancOptions {
     pub modalities: Vec<(String, String, u16)>,
     /// Answer C-FIND, C-MOVE and C-GET from any calling AE title.
     pub allow_any_query: bool,
+    /// Orthanc's `LimitFindResults`: at most this many answers to a C-FIND at the patient,
+    /// study or series level (0: no limit). Orthanc 1.10 then sends that many and a final
+    /// status Cancel (FE00).
+    pub limit_find_results: u32,
 }
 
 impl Default for OrthancOptions {
@@ -47,6 +51,7 @@ impl Default for OrthancOptions {
             dicomweb: false,
             modalities: Vec::new(),
             allow_any_query: false,
+            limit_find_results: 0,
         }
     }
 }
@@ -94,6 +99,7 @@ impl Orthanc {
             "DicomAlwaysAllowFind": options.allow_any_query,
             "DicomAlwaysAllowMove": options.allow_any_query,
             "DicomAlwaysAllowGet": options.allow_any_query,
+            "LimitFindResults": options.limit_find_results,
             "Plugins": plugins,
             "DicomWeb": { "Enable": options.dicomweb, "Root": "/dicom-web/" },
         });

@@ -47,6 +47,8 @@ pub struct Stats {
     /// decoded (head-to-foot) label (`mine.pseudo_label_require_order`).
     pub pseudo_out_of_order: usize,
     pub errors: Vec<String>,
+    /// The study queries of the date walk: how many, empty, capped and split, unresolved.
+    pub queries: crate::mine::range::QueryCounts,
     pub timing: Timing,
 }
 
@@ -80,12 +82,14 @@ pub(super) struct Progress {
 }
 
 impl Progress {
-    pub(super) fn new(pages: u64) -> Progress {
+    /// The bar counts studies: found so far (its length, which grows as ranges are
+    /// answered) and done.
+    pub(super) fn new() -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::with_draw_target(Some(pages), ProgressDrawTarget::stderr());
+            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
             bar.set_style(
                 ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} date pages  {msg}",
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} studies  {msg}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
@@ -98,8 +102,7 @@ impl Progress {
     pub(super) fn update(&self, stats: &Stats) {
         if let Some(bar) = &self.bar {
             bar.set_message(format!(
-                "studies {} ({} mined, {} unchanged, {} failed), key-images +{}",
-                stats.studies_found,
+                "({} mined, {} unchanged, {} failed), key-images +{}",
                 stats.studies_mined,
                 stats.studies_unchanged,
                 stats.studies_failed,
@@ -108,7 +111,13 @@ impl Progress {
         }
     }
 
-    pub(super) fn page_done(&self) {
+    pub(super) fn found(&self, studies: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc_length(studies);
+        }
+    }
+
+    pub(super) fn study_done(&self) {
         if let Some(bar) = &self.bar {
             bar.inc(1);
         }
@@ -176,10 +185,14 @@ impl Miner {
 
     /// The exit code the run earned before the dataset's files are written.
     fn exit_code(&self, outcome: &Result<(), MineError>, stopped: bool) -> u8 {
+        let incomplete = {
+            let stats = self.stats();
+            stats.studies_failed > 0 || stats.queries.unresolved > 0
+        };
         match (outcome, stopped) {
             (Err(_), _) => exit::FAILED,
             (Ok(()), true) => exit::STOPPED,
-            (Ok(()), false) if self.stats().studies_failed > 0 => exit::PARTIAL,
+            (Ok(()), false) if incomplete => exit::PARTIAL,
             (Ok(()), false) => exit::OK,
         }
     }
@@ -273,6 +286,7 @@ fn list(counts: &BTreeMap<String, usize>) -> String {
 
 fn print_summary(stats: &Stats, code: u8, out: &Path, report: Option<&Path>) {
     print_counts(stats);
+    print_queries(&stats.queries);
     print_timing(&stats.timing);
     for e in stats.errors.iter().take(10) {
         println!("error: {e}");
@@ -333,6 +347,21 @@ fn print_counts(stats: &Stats) {
             stats.pseudo_out_of_order
         );
     }
+}
+
+fn print_queries(q: &crate::mine::range::QueryCounts) {
+    println!(
+        "study queries: {} ({} empty, {} capped by the archive and split, {} days split by Study Time){}",
+        q.queries,
+        q.empty,
+        q.capped,
+        q.days_split_by_time,
+        if q.unresolved > 0 {
+            format!("; {} ranges still capped in one second: studies there may be missing", q.unresolved)
+        } else {
+            String::new()
+        }
+    );
 }
 
 fn print_timing(t: &Timing) {
