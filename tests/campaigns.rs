@@ -278,3 +278,235 @@ fn campaign_kill9_mid_ingest_of_8_senders() {
     assert_eq!(temps, 0, "temporary files left after restart");
     assert_eq!(twice, 0, "series generations labelled more than once");
 }
+
+// ---------------------------------------------------------------------------------------
+// Campaign 2: a CAD destination down, then flapping, and a kill -9 of the node meanwhile
+// ---------------------------------------------------------------------------------------
+
+const MAX_ATTEMPTS: i64 = 12;
+
+/// DCMTK storescp as a CAD module that the campaign stops and starts on one port and one
+/// directory; unique file names (+uf), so a copy received twice shows up twice.
+struct FlappingScp {
+    ae: &'static str,
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl FlappingScp {
+    fn new(ae: &'static str) -> FlappingScp {
+        FlappingScp {
+            ae,
+            port: free_port(),
+            dir: tempfile::tempdir().expect("storescp dir"),
+            child: None,
+        }
+    }
+
+    fn up(&mut self) {
+        if self.child.is_some() {
+            return;
+        }
+        let child = Command::new("storescp")
+            .env("TCP_NODELAY", "1")
+            .args(["+B", "+uf", "-aet", self.ae, "-od"])
+            .arg(self.dir.path())
+            .arg(self.port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start storescp (apt package dcmtk)");
+        self.child = Some(child);
+        assert!(
+            wait_until(10, || TcpStream::connect(("127.0.0.1", self.port)).is_ok()),
+            "storescp did not start"
+        );
+    }
+
+    /// kill -9: the destination vanishes, possibly in the middle of an association.
+    fn down(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// How many times each SOP Instance UID arrived (complete files only).
+    fn counts(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for e in std::fs::read_dir(self.dir.path()).expect("storescp dir").flatten() {
+            let p = e.path();
+            if p.is_file() && p.extension().is_none_or(|x| x != "part") {
+                *counts
+                    .entry(data::media_storage_sop_instance_uid(&p))
+                    .or_default() += 1;
+            }
+        }
+        counts
+    }
+}
+
+impl Drop for FlappingScp {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+fn destination(name: &str, port: u16) -> String {
+    format!(
+        "[[destinations]]\nname = \"{name}\"\nae_title = \"{name}\"\nhost = \"127.0.0.1\"\nport = {port}\n"
+    )
+}
+
+fn jobs(index: &IndexReader, destination: &str, state: &str) -> i64 {
+    index.count(&format!(
+        "SELECT COUNT(*) FROM forward_jobs WHERE destination = '{destination}' AND state = '{state}'"
+    ))
+}
+
+struct FlapFigures {
+    instances: usize,
+    lost: usize,
+    duplicates: usize,
+    early_dead: i64,
+    never_dead: i64,
+}
+
+fn flapping_run(run: u32, model: &Path) -> FlapFigures {
+    let mut rng = Rng::new("flapping", run);
+    let work = tempfile::tempdir().unwrap();
+    let cycles = 4;
+    // One series before the destination goes down, one more at each flap.
+    let series: Vec<Vec<PathBuf>> = (0..=cycles as u32)
+        .map(|k| data::synthetic_series(&work.path().join(format!("s{k}")), 400 + k, 12, 64).1)
+        .collect();
+    let files: Vec<PathBuf> = series.iter().flatten().cloned().collect();
+    let uids: Vec<String> = files
+        .iter()
+        .map(|f| data::media_storage_sop_instance_uid(f))
+        .collect();
+    let mut cad = FlappingScp::new("LUNG_CAD");
+    let never = free_port(); // nothing ever listens there
+    let mut node = Node::start_with(NodeOptions {
+        stable_after_secs: 1,
+        classifier: classifier(
+            model,
+            &format!(
+                "[forward]\nretry_initial_secs = 1\nretry_max_secs = 1\nmax_attempts = {MAX_ATTEMPTS}\n\
+                 batch_size = 64\nclaim_timeout_secs = 5\nconnect_timeout_secs = 2\n\n{}{}\
+                 [[routes]]\nclasses = [\"lungs\"]\ndestinations = [\"LUNG_CAD\", \"NEVER_CAD\"]\n",
+                destination("LUNG_CAD", cad.port),
+                destination("NEVER_CAD", never),
+            ),
+        ),
+        ..NodeOptions::default()
+    });
+    let out = node.storescu(&[], &series[0]);
+    assert!(out.status.success(), "{}", common::text(&out));
+    {
+        // Down for a while: the jobs are tried and wait.
+        let index = node.index();
+        let tried = wait_until(30, || {
+            index.count(
+                "SELECT COUNT(*) FROM forward_jobs WHERE destination = 'LUNG_CAD' \
+                 AND state = 'pending' AND attempts >= 2",
+            ) > 0
+        });
+        assert!(tried, "retries while the destination is down");
+    }
+    // Flapping: up and down at random moments; the node is killed in the middle of it.
+    let kill_at = rng.range(0, cycles);
+    for c in 0..cycles {
+        let out = node.storescu(&[], &series[c as usize + 1]);
+        assert!(out.status.success(), "{}", common::text(&out));
+        cad.up();
+        std::thread::sleep(Duration::from_millis(rng.range(100, 1500)));
+        if c == kill_at {
+            node.kill9();
+            std::thread::sleep(Duration::from_millis(rng.range(0, 1000)));
+            node.spawn();
+        }
+        cad.down();
+        std::thread::sleep(Duration::from_millis(rng.range(300, 1500)));
+    }
+    cad.up();
+    let index = node.index();
+    let n = files.len() as i64;
+    let settled = wait_until(90, || {
+        jobs(&index, "LUNG_CAD", "done") + jobs(&index, "LUNG_CAD", "dead") == n
+            && jobs(&index, "NEVER_CAD", "dead") == n
+    });
+    assert!(
+        settled,
+        "the outbox settles: {:?}",
+        index.rows(
+            "SELECT destination, state, COUNT(*), MAX(attempts) FROM forward_jobs \
+             GROUP BY destination, state"
+        )
+    );
+    // Let a stray duplicate, if any, arrive before counting.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        index.count("SELECT COUNT(*) FROM forward_jobs"),
+        2 * n,
+        "the restart created no second set of jobs"
+    );
+    assert_eq!(jobs(&index, "LUNG_CAD", "dead"), 0, "LUNG_CAD: no dead letters");
+    let early_dead = index.count(&format!(
+        "SELECT COUNT(*) FROM forward_jobs WHERE state = 'dead' AND attempts < {MAX_ATTEMPTS}"
+    ));
+    let never_dead = index.count(&format!(
+        "SELECT COUNT(*) FROM forward_jobs WHERE destination = 'NEVER_CAD' AND state = 'dead' \
+         AND attempts = {MAX_ATTEMPTS}"
+    ));
+    let counts = cad.counts();
+    let lost = uids.iter().filter(|u| !counts.contains_key(*u)).count();
+    let duplicates: usize = counts.values().map(|c| c.saturating_sub(1)).sum();
+    if duplicates > 0 {
+        eprintln!(
+            "flapping run {run}: duplicates {:?}",
+            counts.iter().filter(|(_, c)| **c > 1).collect::<Vec<_>>()
+        );
+    }
+    eprintln!(
+        "flapping run {run}: node killed in cycle {kill_at}; {n} instances, lost {lost}, \
+         duplicates {duplicates}"
+    );
+    drop(index);
+    node.kill9();
+    FlapFigures {
+        instances: files.len(),
+        lost,
+        duplicates,
+        early_dead,
+        never_dead,
+    }
+}
+
+#[test]
+fn campaign_destination_down_then_flapping_with_a_node_kill() {
+    let work = tempfile::tempdir().unwrap();
+    let model = lung_model(work.path());
+    let n = runs();
+    let (mut routed, mut lost, mut dups, mut early, mut dead) = (0, 0, 0, 0, 0);
+    let started = Instant::now();
+    for run in 0..n {
+        let f = flapping_run(run, &model);
+        routed += f.instances;
+        lost += f.lost;
+        dups += f.duplicates;
+        early += f.early_dead;
+        dead += f.never_dead;
+    }
+    eprintln!(
+        "CAMPAIGN destination-flapping: runs {n}, instances routed {routed}, lost {lost}, \
+         delivered twice {dups}, dead letters before {MAX_ATTEMPTS} attempts {early}, \
+         dead letters of the never-up destination after {MAX_ATTEMPTS} attempts {dead}, {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(lost, 0, "routed instances never delivered");
+    assert_eq!(dups, 0, "instances delivered more than once");
+    assert_eq!(early, 0, "dead letters before max_attempts");
+    assert_eq!(dead, routed as i64, "every job of the never-up destination dead");
+}
