@@ -94,7 +94,13 @@ fn classifier(model: &Path, rest: &str) -> String {
 fn storescu(port: u16, files: &[PathBuf]) -> Child {
     Command::new("storescu")
         .env("TCP_NODELAY", "1")
-        .args(["-v", "-aec", common::node::AE, "127.0.0.1", &port.to_string()])
+        .args([
+            "-v",
+            "-aec",
+            common::node::AE,
+            "127.0.0.1",
+            &port.to_string(),
+        ])
         .args(files)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -139,12 +145,8 @@ fn kill9_run(run: u32, model: &Path) -> KillFigures {
     let mut sources: HashMap<PathBuf, String> = HashMap::new();
     let mut series: Vec<Vec<PathBuf>> = Vec::new();
     for k in 0..SENDERS {
-        let (spec, files) = data::synthetic_series(
-            &work.path().join(format!("s{k}")),
-            300 + k,
-            SLICES,
-            64,
-        );
+        let (spec, files) =
+            data::synthetic_series(&work.path().join(format!("s{k}")), 300 + k, SLICES, 64);
         for (i, f) in files.iter().enumerate() {
             sources.insert(f.clone(), spec.sop_uid(i as u32));
         }
@@ -335,7 +337,10 @@ impl FlappingScp {
     /// How many times each SOP Instance UID arrived (complete files only).
     fn counts(&self) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
-        for e in std::fs::read_dir(self.dir.path()).expect("storescp dir").flatten() {
+        for e in std::fs::read_dir(self.dir.path())
+            .expect("storescp dir")
+            .flatten()
+        {
             let p = e.path();
             if p.is_file() && p.extension().is_none_or(|x| x != "part") {
                 *counts
@@ -452,7 +457,11 @@ fn flapping_run(run: u32, model: &Path) -> FlapFigures {
         2 * n,
         "the restart created no second set of jobs"
     );
-    assert_eq!(jobs(&index, "LUNG_CAD", "dead"), 0, "LUNG_CAD: no dead letters");
+    assert_eq!(
+        jobs(&index, "LUNG_CAD", "dead"),
+        0,
+        "LUNG_CAD: no dead letters"
+    );
     let early_dead = index.count(&format!(
         "SELECT COUNT(*) FROM forward_jobs WHERE state = 'dead' AND attempts < {MAX_ATTEMPTS}"
     ));
@@ -508,5 +517,275 @@ fn campaign_destination_down_then_flapping_with_a_node_kill() {
     assert_eq!(lost, 0, "routed instances never delivered");
     assert_eq!(dups, 0, "instances delivered more than once");
     assert_eq!(early, 0, "dead letters before max_attempts");
-    assert_eq!(dead, routed as i64, "every job of the never-up destination dead");
+    assert_eq!(
+        dead, routed as i64,
+        "every job of the never-up destination dead"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Campaign 3: PostgreSQL stopped and restarted during ingest (a throw-away server)
+// ---------------------------------------------------------------------------------------
+
+/// A throw-away PostgreSQL server of this campaign (deploy/pg-test.sh on its own port and
+/// data directory), stopped and removed when dropped. `None` where there is no root or no
+/// PostgreSQL binaries (skipped, unless ANATOMY_REQUIRE_ROOT_TESTS is set).
+struct PgServer {
+    port: u16,
+    data: PathBuf,
+}
+
+impl PgServer {
+    fn start() -> Option<PgServer> {
+        if !common::require_root("campaign_postgres_stopped_during_ingest") {
+            return None;
+        }
+        let port = free_port();
+        let data =
+            std::env::temp_dir().join(format!("anatomy-campaign-pg-{}-{port}", std::process::id()));
+        let pg = PgServer { port, data };
+        pg.ctl("start");
+        Some(pg)
+    }
+
+    fn ctl(&self, what: &str) {
+        let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/pg-test.sh"))
+            .arg(what)
+            .env("PGPORT", self.port.to_string())
+            .env("PGDATA", &self.data)
+            .output()
+            .expect("deploy/pg-test.sh");
+        assert!(
+            out.status.success(),
+            "pg-test.sh {what}: {}",
+            common::text(&out)
+        );
+    }
+
+    /// A crash of the database server: pg_ctl stop -m immediate.
+    fn crash(&self) {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("/usr/lib/postgresql")
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .max()
+            .expect("a PostgreSQL version");
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .output()
+            .expect("pg_ctl");
+        assert!(out.status.success(), "pg_ctl stop: {}", common::text(&out));
+    }
+
+    fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.ctl("stop");
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// One C-STORE of the campaign: the slice, its status (None: the association failed), and
+/// when the request started and the response came.
+struct Attempt {
+    slice: u32,
+    status: Option<u16>,
+    started: Instant,
+    answered: Instant,
+}
+
+/// Store slices in order with our own SCU (it reports every status), reconnecting after a
+/// failed association; `pause` between instances.
+fn store_all(
+    port: u16,
+    spec: &anatomy_node::synth::SeriesSpec,
+    files: &[PathBuf],
+    slices: &[u32],
+    pause: Duration,
+) -> Vec<Attempt> {
+    let mut out = Vec::new();
+    let mut scu: Option<Scu> = None;
+    for &i in slices {
+        let started = Instant::now();
+        if scu.is_none() {
+            scu = Scu::connect(port, "TESTSCU", &[(CT, EXPLICIT)]).ok();
+        }
+        let status = scu.as_mut().and_then(|s| {
+            let set = dataset_bytes(&files[i as usize]);
+            let uid = spec.sop_uid(i);
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                s.store(EXPLICIT, CT, &uid, &set).status
+            }))
+            .ok()
+        });
+        if status.is_none() {
+            scu = None;
+        }
+        out.push(Attempt {
+            slice: i,
+            status,
+            started,
+            answered: Instant::now(),
+        });
+        std::thread::sleep(pause);
+    }
+    if let Some(s) = scu {
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.release()));
+    }
+    out
+}
+
+struct PgFigures {
+    acknowledged: usize,
+    lost: usize,
+    success_while_down: usize,
+    refused_while_down: usize,
+}
+
+fn postgres_run(run: u32, pg: &PgServer) -> PgFigures {
+    let mut rng = Rng::new("postgres", run);
+    let work = tempfile::tempdir().unwrap();
+    let slices = 80;
+    let (spec, files) = data::synthetic_series(&work.path().join("s"), 500 + run, slices, 64);
+    let db = std::sync::Arc::new(common::db::TestDb::create_on(pg.admin_url()));
+    let mut node = Node::start_sharing(
+        NodeOptions {
+            stable_after_secs: 2,
+            ..NodeOptions::default()
+        },
+        db,
+    );
+    let port = node.dicom_port;
+    let all: Vec<u32> = (0..slices).collect();
+    let sender = {
+        let (spec, files) = (spec.clone(), files.clone());
+        std::thread::spawn(move || store_all(port, &spec, &files, &all, Duration::from_millis(40)))
+    };
+    std::thread::sleep(Duration::from_millis(rng.range(300, 1200)));
+    pg.crash();
+    let down_at = Instant::now();
+    // Longer than the index pool's acquire timeout (10 s): shorter outages only delay answers.
+    std::thread::sleep(Duration::from_millis(rng.range(12_000, 16_000)));
+    assert!(
+        node.exited().is_none(),
+        "the node survives its database going away"
+    );
+    let up_at = Instant::now();
+    pg.ctl("start");
+    let attempts = sender.join().expect("sender");
+
+    // Answered while the server was down (a margin after the stop for a commit that made
+    // it just before the crash).
+    let while_down =
+        |a: &&Attempt| a.answered > down_at + Duration::from_millis(500) && a.answered < up_at;
+    let success_while_down = attempts
+        .iter()
+        .filter(while_down)
+        .filter(|a| a.status == Some(0))
+        .count();
+    let refused_while_down = attempts
+        .iter()
+        .filter(while_down)
+        .filter(|a| a.status != Some(0))
+        .count();
+    let statuses: BTreeMap<String, usize> = attempts.iter().fold(BTreeMap::new(), |mut m, a| {
+        *m.entry(a.status.map_or("no answer".into(), |s| format!("{s:04X}")))
+            .or_default() += 1;
+        m
+    });
+    eprintln!("postgres run {run}: statuses {statuses:?}");
+
+    // The node recovers by itself: the refused instances, sent again, are accepted.
+    let refused: Vec<u32> = attempts
+        .iter()
+        .filter(|a| a.status != Some(0))
+        .map(|a| a.slice)
+        .collect();
+    let mut again = Vec::new();
+    let recovered = wait_until(60, || {
+        again = store_all(port, &spec, &files, &refused, Duration::ZERO);
+        again.iter().all(|a| a.status == Some(0))
+    });
+    assert!(
+        recovered,
+        "the node accepts again after the database is back: {:?}",
+        again.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    node.restart(); // and what was acknowledged survives a restart on top
+    let index = node.index();
+    let acked: Vec<u32> = attempts
+        .iter()
+        .filter(|a| a.status == Some(0))
+        .map(|a| a.slice)
+        .collect();
+    let mut lost = 0;
+    for i in 0..slices {
+        let rows = index.rows(&format!(
+            "SELECT file_path FROM instances WHERE sop_instance_uid = '{}'",
+            spec.sop_uid(i)
+        ));
+        let intact = rows.len() == 1
+            && std::fs::read(node.storage().join(&rows[0][0]))
+                .map(|b| b[data::dataset_offset(&b)..] == dataset_bytes(&files[i as usize])[..])
+                .unwrap_or(false);
+        if !intact {
+            eprintln!("LOST: slice {i} rows {rows:?}");
+            lost += 1;
+        }
+    }
+    assert!(node.temporary_files().is_empty(), "no temporary files left");
+    assert_eq!(
+        node.stored_files().len(),
+        slices as usize,
+        "one file per instance"
+    );
+    let complete = wait_until(30, || {
+        index.count("SELECT COUNT(*) FROM series WHERE state = 'complete'") == 1
+    });
+    assert!(complete, "the series completes");
+    drop(index);
+    node.kill9();
+    PgFigures {
+        acknowledged: acked.len() + refused.len(),
+        lost,
+        success_while_down,
+        refused_while_down,
+    }
+}
+
+#[test]
+fn campaign_postgres_stopped_during_ingest() {
+    let Some(pg) = PgServer::start() else {
+        return;
+    };
+    let n = runs();
+    let (mut acked, mut lost, mut bad, mut refused) = (0, 0, 0, 0);
+    let started = Instant::now();
+    for run in 0..n {
+        let f = postgres_run(run, &pg);
+        acked += f.acknowledged;
+        lost += f.lost;
+        bad += f.success_while_down;
+        refused += f.refused_while_down;
+    }
+    eprintln!(
+        "CAMPAIGN postgres-stopped: runs {n}, instances acknowledged {acked}, lost {lost}, \
+         C-STOREs answered while the database was down: failure {refused}, success {bad}, \
+         {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(lost, 0, "acknowledged instances lost");
+    assert_eq!(bad, 0, "success answered while the database was down");
+    assert!(
+        refused > 0,
+        "some C-STOREs were answered while the database was down"
+    );
 }
