@@ -594,11 +594,10 @@ impl Drop for PgServer {
 }
 
 /// One C-STORE of the campaign: the slice, its status (None: the association failed), and
-/// when the request started and the response came.
+/// when the answer came.
 struct Attempt {
     slice: u32,
     status: Option<u16>,
-    started: Instant,
     answered: Instant,
 }
 
@@ -614,7 +613,6 @@ fn store_all(
     let mut out = Vec::new();
     let mut scu: Option<Scu> = None;
     for &i in slices {
-        let started = Instant::now();
         if scu.is_none() {
             scu = Scu::connect(port, "TESTSCU", &[(CT, EXPLICIT)]).ok();
         }
@@ -632,7 +630,6 @@ fn store_all(
         out.push(Attempt {
             slice: i,
             status,
-            started,
             answered: Instant::now(),
         });
         std::thread::sleep(pause);
@@ -788,4 +785,189 @@ fn campaign_postgres_stopped_during_ingest() {
         refused > 0,
         "some C-STOREs were answered while the database was down"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Campaign 4: slow-loris senders, associations that never release, connection floods
+// ---------------------------------------------------------------------------------------
+
+const MAX_ASSOCIATIONS: usize = 4;
+const TIMEOUT_SECS: u64 = 2;
+const VERIFICATION: &str = "1.2.840.10008.1.1";
+const IMPLICIT: &str = "1.2.840.10008.1.2";
+
+/// The start of an A-ASSOCIATE-RQ (type, length, version, called and calling AE titles),
+/// to be sent a byte at a time.
+fn associate_rq_prefix() -> Vec<u8> {
+    let mut pdu = vec![0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x01, 0x00, 0x00];
+    pdu.extend_from_slice(b"ANATOMY         TESTSCU         ");
+    pdu.extend_from_slice(&[0u8; 32]);
+    pdu
+}
+
+/// A slow-loris sender: one byte of an A-ASSOCIATE-RQ every `every`; returns how long the
+/// node let it go on (None: still open after `limit`).
+fn slow_loris(port: u16, every: Duration, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+    let bytes = associate_rq_prefix();
+    let mut i = 0;
+    while started.elapsed() < limit {
+        if s.write_all(&bytes[i % bytes.len()..i % bytes.len() + 1])
+            .is_err()
+        {
+            return Some(started.elapsed());
+        }
+        i += 1;
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(_) => {} // an A-ASSOCIATE-RJ or A-ABORT: wait for the close
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return Some(started.elapsed()),
+        }
+        std::thread::sleep(every);
+    }
+    None
+}
+
+/// A clean C-ECHO, timed.
+fn echo(node: &Node) -> (bool, String, Duration) {
+    let started = Instant::now();
+    let out = node.echoscu("ECHOSCU", "ANATOMY");
+    (out.status.success(), common::text(&out), started.elapsed())
+}
+
+struct FloodFigures {
+    attempts: usize,
+    accepted: usize,
+    rejected_local_limit: usize,
+    other_failures: usize,
+    slowest_echo_ms: u128,
+}
+
+fn flood_run(run: u32) -> FloodFigures {
+    let mut rng = Rng::new("flood", run);
+    let node = Node::start_with(NodeOptions {
+        max_associations: MAX_ASSOCIATIONS,
+        artim_timeout_secs: TIMEOUT_SECS,
+        idle_timeout_secs: TIMEOUT_SECS,
+        ..NodeOptions::default()
+    });
+    let port = node.dicom_port;
+    let limit = Duration::from_secs(TIMEOUT_SECS + 5);
+    let mut slowest = Duration::ZERO;
+
+    // Slow loris and an association that never releases, at once.
+    let loris = std::thread::spawn(move || {
+        slow_loris(port, Duration::from_millis(rng.range(100, 400)), limit)
+    });
+    let mut idle = Scu::connect(port, "TESTSCU", &[(VERIFICATION, IMPLICIT)]).expect("idle");
+    let idle_started = Instant::now();
+    let (ok, text, took) = echo(&node);
+    assert!(ok, "a clean C-ECHO beside a slow loris: {text}");
+    slowest = slowest.max(took);
+    let aborted = matches!(
+        idle.receive_pdu(),
+        Ok(dicom_ul::Pdu::AbortRQ { .. }) | Err(_)
+    );
+    let idle_for = idle_started.elapsed();
+    assert!(
+        aborted && idle_for < limit,
+        "an association that never releases is aborted after idle_timeout_secs ({idle_for:?})"
+    );
+    let loris_for = loris.join().expect("slow loris");
+    assert!(
+        loris_for.is_some_and(|d| d < limit),
+        "the slow loris is cut off by ARTIM: {loris_for:?}"
+    );
+
+    // 10 × max_associations associations at once, each held for a while.
+    let attempts = 10 * MAX_ASSOCIATIONS;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(attempts));
+    let flood: Vec<_> = (0..attempts)
+        .map(|_| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let r = Scu::connect(port, "TESTSCU", &[(VERIFICATION, IMPLICIT)]);
+                let held = r.is_ok();
+                std::thread::sleep(Duration::from_millis(1500));
+                // dropped without a release, as a misbehaving peer would
+                (held, r.err().unwrap_or_default())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Responsive meanwhile: a C-ECHO gets its answer at once, success or transient reject.
+    let (ok, text, took) = echo(&node);
+    slowest = slowest.max(took);
+    assert!(
+        ok || (text.contains("Rejected Transient") && text.contains("Local Limit Exceeded")),
+        "a C-ECHO during the flood: {text}"
+    );
+    assert!(took < Duration::from_secs(5), "the C-ECHO took {took:?}");
+    let results: Vec<(bool, String)> = flood.into_iter().map(|t| t.join().unwrap()).collect();
+    let accepted = results.iter().filter(|r| r.0).count();
+    let rejected_local_limit = results
+        .iter()
+        .filter(|r| !r.0 && r.1.contains("local limit exceeded"))
+        .count();
+    let other_failures = attempts - accepted - rejected_local_limit;
+    if other_failures > 0 {
+        eprintln!(
+            "flood run {run}: other failures {:?}",
+            results
+                .iter()
+                .filter(|r| !r.0)
+                .map(|r| &r.1)
+                .collect::<Vec<_>>()
+        );
+    }
+    assert!(
+        accepted <= MAX_ASSOCIATIONS,
+        "{accepted} associations accepted, the limit is {MAX_ASSOCIATIONS}"
+    );
+    // Afterwards the node serves again.
+    let served = wait_until(TIMEOUT_SECS + 5, || echo(&node).0);
+    assert!(served, "C-ECHO after the flood:\n{}", echo(&node).1);
+    let (_, _, took) = echo(&node);
+    slowest = slowest.max(took);
+    eprintln!(
+        "flood run {run}: slow loris cut after {loris_for:?}, idle association aborted after \
+         {idle_for:?}; flood of {attempts}: accepted {accepted}, rejected (local limit) \
+         {rejected_local_limit}, other {other_failures}"
+    );
+    FloodFigures {
+        attempts,
+        accepted,
+        rejected_local_limit,
+        other_failures,
+        slowest_echo_ms: slowest.as_millis(),
+    }
+}
+
+#[test]
+fn campaign_slow_loris_idle_associations_and_floods() {
+    let n = runs();
+    let (mut attempts, mut accepted, mut rejected, mut other, mut slowest) = (0, 0, 0, 0, 0);
+    let started = Instant::now();
+    for run in 0..n {
+        let f = flood_run(run);
+        attempts += f.attempts;
+        accepted += f.accepted;
+        rejected += f.rejected_local_limit;
+        other += f.other_failures;
+        slowest = slowest.max(f.slowest_echo_ms);
+    }
+    eprintln!(
+        "CAMPAIGN slow-loris-and-floods: runs {n}, association attempts {attempts}, accepted \
+         {accepted}, rejected transient/local limit exceeded {rejected}, other failures \
+         {other}, slowest clean C-ECHO {slowest} ms, {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(other, 0, "failures other than a local-limit rejection");
+    assert_eq!(accepted + rejected, attempts);
 }
