@@ -344,7 +344,8 @@ impl FlappingScp {
         self.down();
     }
 
-    /// When each SOP Instance UID arrived (complete files only), earliest first.
+    /// When each SOP Instance UID arrived, earliest first: complete files only (a storescp
+    /// killed while receiving leaves a partial or empty file, which is not a delivery).
     fn arrivals(&self) -> HashMap<String, Vec<SystemTime>> {
         let mut out: HashMap<String, Vec<SystemTime>> = HashMap::new();
         for e in std::fs::read_dir(self.dir.path())
@@ -352,7 +353,10 @@ impl FlappingScp {
             .flatten()
         {
             let p = e.path();
-            if p.is_file() && p.extension().is_none_or(|x| x != "part") {
+            let complete = p.is_file()
+                && std::fs::read(&p).is_ok_and(|b| b.len() > 132 && &b[128..132] == b"DICM")
+                && dicom_object::open_file(&p).is_ok();
+            if complete {
                 let at = e
                     .metadata()
                     .and_then(|m| m.modified())
