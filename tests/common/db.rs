@@ -28,6 +28,11 @@ impl TestDb {
                 admin: None,
             };
         };
+        TestDb::create_on(admin)
+    }
+
+    /// A fresh database on the PostgreSQL server whose maintenance database is `admin`.
+    pub fn create_on(admin: String) -> TestDb {
         let name = format!(
             "anatomy_test_{}_{}",
             std::process::id(),
