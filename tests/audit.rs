@@ -14,28 +14,6 @@ use serde_json::Value;
 
 use common::node::{Node, NodeOptions, AE};
 
-/// `anatomy-node token`: (the token, its hash).
-fn make_token(name: &str) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_anatomy-node"))
-        .args(["token", "--name", name, "--roles", "read"])
-        .output()
-        .expect("anatomy-node token");
-    assert!(out.status.success(), "{}", common::text(&out));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let token = text
-        .lines()
-        .find(|l| l.starts_with("anp_"))
-        .expect("a token line")
-        .to_string();
-    let hash = text
-        .lines()
-        .find_map(|l| l.strip_prefix("sha256 = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .expect("a sha256 line")
-        .to_string();
-    (token, hash)
-}
-
 /// A GET with an optional bearer token: the status.
 fn http_get(node: &Node, path: &str, token: Option<&str>) -> u16 {
     let mut s = TcpStream::connect(("127.0.0.1", node.http_port)).expect("HTTP port");
@@ -115,7 +93,7 @@ fn is_loopback_peer(e: &Value) -> bool {
 #[test]
 fn actions_are_recorded_with_actor_peer_and_outcome() {
     let work = tempfile::tempdir().expect("work");
-    let (token, hash) = make_token("auditor");
+    let (token, hash, _) = common::make_token("auditor", "read");
     let mut node = Node::start_with(NodeOptions {
         extra_http: "anonymous = false".into(),
         http_tables: format!(

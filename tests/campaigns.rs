@@ -27,6 +27,7 @@ use common::data::{self, dataset_bytes};
 use common::db::IndexReader;
 use common::node::{Node, NodeOptions};
 use common::scu::{Scu, CT, EXPLICIT};
+use common::smallfs::SmallFs;
 use common::{free_port, wait_until};
 
 /// How many runs each campaign makes: $ANATOMY_CAMPAIGN_RUNS, 1 by default.
@@ -1025,37 +1026,6 @@ fn campaign_slow_loris_idle_associations_and_floods() {
 // ---------------------------------------------------------------------------------------
 // Campaign 5: the disk fills up during ingest (a small tmpfs, as root), then space is freed
 // ---------------------------------------------------------------------------------------
-
-/// A tmpfs mount removed when dropped (as in tests/robustness.rs).
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn mount(dir: &Path, size: &str) -> SmallFs {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("mount");
-        assert!(out.status.success(), "mount tmpfs: {}", common::text(&out));
-        SmallFs(dir.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        let out = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .output()
-            .expect("remount");
-        assert!(out.status.success(), "remount: {}", common::text(&out));
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 struct DiskFigures {
     acknowledged: usize,

@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::data::{self, dataset_bytes};
 use common::node::{Node, NodeOptions};
 use common::scu::{self, Scu, CT, EXPLICIT};
+use common::smallfs::SmallFs;
 use dicom_core::Tag;
 use dicom_ul::Pdu;
 
@@ -177,37 +178,6 @@ fn below_the_free_space_reserve_the_answer_is_out_of_resources() {
     assert!(r.comment.unwrap_or_default().contains("min_free_mb"));
     assert_eq!(scu.echo().status, 0, "the association stays usable");
     scu.release();
-}
-
-/// A tmpfs mount removed when dropped.
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn mount(dir: &Path, size: &str) -> SmallFs {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()
-            .expect("mount");
-        assert!(out.status.success(), "mount tmpfs: {}", common::text(&out));
-        SmallFs(dir.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        let out = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .output()
-            .expect("remount");
-        assert!(out.status.success(), "remount: {}", common::text(&out));
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 #[test]

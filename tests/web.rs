@@ -1488,25 +1488,9 @@ fn the_page_shows_a_labelled_series_in_a_browser() {
 // ---------------------------------------------------------------------------------------
 // Security: credentials and roles, the login cookie, JWTs, HTTPS, no PHI in the log
 
-/// `anatomy-node token`: (the token, its hash) from what the command prints.
+/// `anatomy-node token`: (the token, its hash); what it prints holds no token in the config lines.
 fn make_token(name: &str, roles: &str) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_anatomy-node"))
-        .args(["token", "--name", name, "--roles", roles])
-        .output()
-        .expect("anatomy-node token");
-    assert!(out.status.success(), "{}", common::text(&out));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let token = text
-        .lines()
-        .find(|l| l.starts_with("anp_"))
-        .expect("a token line")
-        .to_string();
-    let hash = text
-        .lines()
-        .find_map(|l| l.strip_prefix("sha256 = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .expect("a sha256 line")
-        .to_string();
+    let (token, hash, text) = common::make_token(name, roles);
     assert!(
         !text.contains(&format!("\"{token}\"")),
         "the config holds no token"

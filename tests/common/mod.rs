@@ -12,6 +12,7 @@ pub mod orthanc;
 pub mod retrain;
 
 pub mod scu;
+pub mod smallfs;
 
 use std::process::{Command, Output};
 
@@ -149,4 +150,26 @@ impl Drop for StoreScp {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `anatomy-node token --name NAME --roles ROLES`: (the token, its hash, all it printed).
+pub fn make_token(name: &str, roles: &str) -> (String, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_anatomy-node"))
+        .args(["token", "--name", name, "--roles", roles])
+        .output()
+        .expect("anatomy-node token");
+    assert!(out.status.success(), "{}", text(&out));
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let token = printed
+        .lines()
+        .find(|l| l.starts_with("anp_"))
+        .expect("a token line")
+        .to_string();
+    let hash = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("sha256 = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .expect("a sha256 line")
+        .to_string();
+    (token, hash, printed)
 }
