@@ -46,10 +46,6 @@ const CASES: [&str; 8] = [
 const TEST_PATIENTS: [&str; 2] = ["okbp-pt2", "sts-026"];
 const IMAGE_SIZE: u64 = 64;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// One labelled slice of labels.csv.
 struct Slice {
     case: String,
@@ -290,16 +286,9 @@ fn a_mined_dataset_is_trained_on_evaluated_and_decided_by_the_rule() {
         eprintln!("SKIPPED: needs ../shared/data/ct (real series to mine)");
         return;
     };
-    let python = root().join("training/.venv/bin/python");
-    if !python.is_file() {
-        let how = "training/.venv is missing: run `bash training/install.sh`";
-        assert!(
-            std::env::var("ANATOMY_ALLOW_SKIP_PYTHON").as_deref() == Ok("1"),
-            "{how}; ANATOMY_ALLOW_SKIP_PYTHON=1 skips this test instead"
-        );
-        eprintln!("SKIPPED: {how}");
+    let Some(python) = common::retrain::training_python() else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let site = dir.path();
     // The current model: the fixed-weight stats model at the mined size.
@@ -651,16 +640,9 @@ fn self_training_pseudo_labels_confident_ordered_images_and_promotion_reads_huma
         eprintln!("SKIPPED: needs ../shared/data/ct (real series to mine)");
         return;
     };
-    let python = root().join("training/.venv/bin/python");
-    if !python.is_file() {
-        let how = "training/.venv is missing: run `bash training/install.sh`";
-        assert!(
-            std::env::var("ANATOMY_ALLOW_SKIP_PYTHON").as_deref() == Ok("1"),
-            "{how}; ANATOMY_ALLOW_SKIP_PYTHON=1 skips this test instead"
-        );
-        eprintln!("SKIPPED: {how}");
+    let Some(python) = common::retrain::training_python() else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let site = dir.path();
     let Some(current) = common::models::make(&site.join("models"), "anatomy", &["--size", "64"])

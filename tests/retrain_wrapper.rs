@@ -609,16 +609,9 @@ fn the_training_stage_trains_stamps_and_decides_by_the_rule() {
         eprintln!("SKIPPED: needs ../shared/data/ct");
         return;
     };
-    let python = root().join("training/.venv/bin/python");
-    if !python.is_file() {
-        let how = "training/.venv is missing: run `bash training/install.sh`";
-        assert!(
-            std::env::var("ANATOMY_ALLOW_SKIP_PYTHON").as_deref() == Ok("1"),
-            "{how}; ANATOMY_ALLOW_SKIP_PYTHON=1 skips this test instead"
-        );
-        eprintln!("SKIPPED: {how}");
+    let Some(python) = common::retrain::training_python() else {
         return;
-    }
+    };
     let site = Site::new(None);
     let Some(current) = common::models::make(
         &site.dir.path().join("models"),

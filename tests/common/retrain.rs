@@ -38,6 +38,22 @@ pub const SCRIPT_VARS: &[&str] = &[
     "LOCK_FILE",
 ];
 
+/// training/.venv's Python, or None (the caller skips) when it is missing and
+/// ANATOMY_ALLOW_SKIP_PYTHON=1 allows that; without it a missing venv fails the test.
+pub fn training_python() -> Option<PathBuf> {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("training/.venv/bin/python");
+    if python.is_file() {
+        return Some(python);
+    }
+    let how = "training/.venv is missing: run `bash training/install.sh`";
+    assert!(
+        std::env::var("ANATOMY_ALLOW_SKIP_PYTHON").as_deref() == Ok("1"),
+        "{how}; ANATOMY_ALLOW_SKIP_PYTHON=1 skips this test instead"
+    );
+    eprintln!("SKIPPED: {how}");
+    None
+}
+
 /// The wrapper script.
 pub fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/mine-retrain.sh")
