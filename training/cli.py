@@ -71,12 +71,31 @@ def cmd_train(a) -> int:
         channels_last=a.channels_last, compile=a.compile, deterministic=not a.nondeterministic,
         limit=a.limit, steps_per_epoch=a.steps_per_epoch, eval_batch_size=a.eval_batch_size,
         model_version=a.model_version, augment=aug, pair_classes=a.pair_classes,
-        nonaxial=not a.no_nonaxial, nonaxial_min_slices=a.nonaxial_min_slices,
+        nonaxial=not a.no_nonaxial, nonaxial_min_slices=a.nonaxial_min_slices, init=a.init,
     )
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
     run(cfg)
+    return 0
+
+
+def cmd_pretrain(a) -> int:
+    from .pretrain import PretrainConfig, run
+
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    cfg = PretrainConfig(
+        data=tuple(a.data), splits=a.splits, val_split=a.val_split, out=a.out, hu_window=a.hu_window,
+        epochs=a.epochs, series_per_batch=a.series_per_batch, slices_per_series=a.slices_per_series,
+        lr=a.lr, mm_per_unit=a.mm_per_unit, distance_weight=a.distance_weight, width=a.width,
+        blocks=a.blocks, seed=a.seed, device=a.device,
+    )
+    try:
+        run(cfg)
+    except ValueError as e:
+        raise SystemExit(f"pretrain: {e}") from e
     return 0
 
 
@@ -266,6 +285,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=d.width, help="channels of the first stage (doubled per stage)")
     g.add_argument("--blocks", type=_ints, default=d.blocks, help="residual blocks per stage, comma-separated")
     g.add_argument("--dropout", type=float, default=d.dropout, help="dropout before the classifier")
+    g.add_argument("--init", default=d.init,
+                   help="start from the backbone of a `pretrain` checkpoint (same --width and --blocks)")
     g = s.add_argument_group("device")
     g.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
@@ -335,6 +356,33 @@ def parser() -> argparse.ArgumentParser:
                    help="series with fewer images give no synthetic non-axial images")
     g.add_argument("--no-augment", action="store_true", help="turn every augmentation off")
     s.set_defaults(func=cmd_train)
+
+    from .pretrain import PretrainConfig
+    dp = PretrainConfig()
+    s = sub.add_parser("pretrain", formatter_class=fmt, help="self-supervised pre-training (body-part regression)",
+                       description="Teach a backbone where along the body each slice lies, from the z of the "
+                       "slices of each series, without class labels (Yan et al. 2018); `train --init` "
+                       "starts from it. Every image of --splits of every --data counts, ambiguous ones too.")
+    s.add_argument("--data", action="append", required=True,
+                   help="dataset folder or .npz (repeat for several: a site's unlabelled archive too)")
+    s.add_argument("--splits", type=_names, default=dp.splits, help="splits whose images are used")
+    s.add_argument("--val-split", default=dp.val_split,
+                   help="split whose series report order accuracy (not trained on unless in --splits)")
+    s.add_argument("--out", default=dp.out, help="run folder for pretrain.pt and metrics.json")
+    s.add_argument("--hu-window", type=_floats, default=dp.hu_window, help="HU window low,high (as train)")
+    s.add_argument("--epochs", type=int, default=dp.epochs, help="passes over the images")
+    s.add_argument("--series-per-batch", type=int, default=dp.series_per_batch, help="series per batch")
+    s.add_argument("--slices-per-series", type=int, default=dp.slices_per_series, help="images drawn per series")
+    s.add_argument("--lr", type=float, default=dp.lr, help="peak AdamW learning rate")
+    s.add_argument("--mm-per-unit", type=float, default=dp.mm_per_unit, help="millimetres per unit of score")
+    s.add_argument("--distance-weight", type=float, default=dp.distance_weight,
+                   help="weight of the distance term beside the order term")
+    s.add_argument("--width", type=int, default=dp.width, help="as train --width")
+    s.add_argument("--blocks", type=_ints, default=dp.blocks, help="as train --blocks")
+    s.add_argument("--seed", type=int, default=dp.seed, help="seed for weights, sampling and augmentation")
+    s.add_argument("--device", default=dp.device, help="cpu, cuda or cuda:N")
+    s.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    s.set_defaults(func=cmd_pretrain)
 
     s = sub.add_parser("export", formatter_class=fmt, help="checkpoint → ONNX model (CPU only)",
                        description="Write the contract's ONNX model: input 'image' [N,1,S,S], output "

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import calibrate, metrics, nonaxial
+from . import calibrate, metrics, nonaxial, pretrain
 from .data import CLASSES, Dataset, load as load_dataset
 from .augment import AugmentConfig, augment, body_fill, preprocess
 from .model import build, count_parameters
@@ -75,6 +75,8 @@ class TrainConfig:
     # needs an `other` class; series with fewer images are skipped
     nonaxial: bool = True
     nonaxial_min_slices: int = 8
+    # a backbone from `pretrain` (self-supervised body-part regression) to start from; "": none
+    init: str = ""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict:
@@ -308,6 +310,9 @@ def run(cfg: TrainConfig, log=print) -> dict:
 
     model = build({"num_classes": C, "width": cfg.width, "blocks": list(cfg.blocks), "dropout": cfg.dropout})
     log(f"model: {count_parameters(model):,} parameters, input [N,1,{S},{S}], classes {list(cfg.classes)}")
+    if cfg.init:
+        copied = pretrain.load_backbone(cfg.init, model)
+        log(f"backbone from {cfg.init}: {copied} tensors (self-supervised pre-training); head from scratch")
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -36,6 +36,27 @@ def test_hold_out_a_named_source_of_sources_csv(synthetic_dataset, tmp_path):
         hold_out.main([str(src), str(tmp_path / "c.npz"), "--source-name", "Beta"])
 
 
+def test_splits_from_keeps_a_reference_split_and_adds_new_subjects(synthetic_dataset, tmp_path):
+    full = data.pack(synthetic_dataset, tmp_path / "full.npz")
+    arrays, info = data.read_npz_arrays(full)
+    key = {p: hold_out.patient_key(f"synthetic-{p}") for p in range(12)}
+    # the reference knows patients 0..9 only (the shipped dataset), with 0 moved to test there
+    known = np.isin(arrays["patient_key"], [key[p] for p in range(10)])
+    ref = {k: v[known] if getattr(v, "shape", ()) and len(v) == len(known) else v for k, v in arrays.items()}
+    ref["split"] = np.where(ref["patient_key"] == key[0], "test", ref["split"])
+    data.write_npz_arrays(tmp_path / "ref.npz", ref, info)
+    hold_out.main([str(full), str(tmp_path / "out.npz"), "--splits-from", str(tmp_path / "ref.npz")])
+    out = data.load(tmp_path / "out.npz")
+    split_of = lambda p: set(out.split[out.patient_key == key[p]])
+    assert split_of(0) == {"test"} and split_of(9) == {"val"} and split_of(1) == {"train"}
+    assert split_of(10) == {"train"} and split_of(11) == {"train"}  # not in the reference: --new-to
+    # and a source can still be moved in the same call
+    hold_out.main([str(full), str(tmp_path / "out2.npz"), "--splits-from", str(tmp_path / "ref.npz"),
+                   "--subjects", "synthetic-11", "--to", "test", "--rest-to", "train"])
+    out2 = data.load(tmp_path / "out2.npz")
+    assert set(out2.patient_key[out2.split == "test"]) == {key[11]}
+
+
 def test_sources_list_and_combined_labels(tmp_path):
     table = tmp_path / "sources.csv"
     table.write_text(SOURCES)

@@ -18,6 +18,10 @@ were in the target split before move to train, so the target split holds that so
 its figures are those of a source the model never saw. `--source-name NAME --sources
 sources.csv` takes instead every case whose `source` column (or `--source-column`) is NAME,
 in either data folder (../shared/data/sources.csv lists the cases of ct and ct-extra).
+
+`--splits-from REF.npz` first gives every subject of REF its split in REF and every other subject
+`--new-to` (default train): a dataset of ct + ct-extra keeps the shipped model's patient split,
+so its test patients are the shipped card's test patients and only the new sources are added.
 """
 from __future__ import annotations
 
@@ -55,6 +59,17 @@ def named_source_subjects(sources: Path, name: str, column: str = "source") -> s
     return found
 
 
+def splits_like(arrays: dict, reference: str, new_to: str) -> np.ndarray:
+    """Each image's split: its subject's split in `reference`, or `new_to` for a subject not there."""
+    with np.load(reference, allow_pickle=False) as z:
+        ref_keys, ref_splits = z["patient_key"], z["split"]
+    by_key: dict[str, str] = {}
+    for key, split in zip(ref_keys.tolist(), ref_splits.tolist()):
+        if by_key.setdefault(key, split) != split:
+            raise SystemExit(f"{reference}: patient {key} is in both {by_key[key]} and {split}")
+    return np.array([by_key.get(k, new_to) for k in arrays["patient_key"].tolist()], dtype=str)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="packed dataset (.npz from `python -m training pack`)")
@@ -71,6 +86,9 @@ def main(argv=None) -> int:
         choices=("train", "val", "test"),
         help="move the subjects already in the --to split here, so it holds only the moved ones",
     )
+    p.add_argument("--splits-from", help="packed dataset whose subjects keep their split there")
+    p.add_argument("--new-to", default="train", choices=("train", "val", "test"),
+                   help="with --splits-from: the split of subjects that are not in it")
     a = p.parse_args(argv)
     subjects = [s.strip() for s in a.subjects.split(",") if s.strip()]
     prefixes = tuple(s.strip() for s in a.source.split(",") if s.strip())
@@ -82,9 +100,16 @@ def main(argv=None) -> int:
         if not a.sources:
             raise SystemExit("--source-name needs --sources (the sources.csv with case_id and source)")
         subjects += sorted(named_source_subjects(Path(a.sources), a.source_name, a.source_column))
-    if not subjects:
-        raise SystemExit("name the subjects to move: --subjects, --source or --source-name")
+    if not subjects and not a.splits_from:
+        raise SystemExit("name the subjects to move: --subjects, --source, --source-name or --splits-from")
     arrays, info = read_npz_arrays(a.src)
+    if a.splits_from:
+        arrays["split"] = splits_like(arrays, a.splits_from, a.new_to)
+        info["name"] = f"{info.get('name', 'dataset')} (splits of {Path(a.splits_from).name}, others {a.new_to})"
+        if not subjects:
+            write_npz_arrays(a.dst, arrays, info)
+            print(f"{int((arrays['split'] == a.new_to).sum())} images in {a.new_to}: {a.dst}")
+            return 0
     keys = {patient_key(s): s for s in subjects}
     moved = np.isin(arrays["patient_key"], list(keys))
     missing = sorted(s for k, s in keys.items() if not (arrays["patient_key"] == k).any())
