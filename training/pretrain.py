@@ -222,7 +222,7 @@ def run(cfg: PretrainConfig, log=print) -> dict:
             loss.backward()
             opt.step()
             step += 1
-            sums["loss"] += float(loss)
+            sums["loss"] += float(loss.detach())
             sums["order"] += parts["order"]
             sums["distance"] += parts["distance"]
         rec = {"epoch": epoch} | {k: v / steps for k, v in sums.items()} | {"epoch_s": time.perf_counter() - t0}

@@ -442,4 +442,48 @@ mod tests {
         assert!(near > far + 2.0 * rules.skip_penalty, "{near}");
         assert_eq!(transition(&states, 2, 2, 0.0, &rules), 0.0);
     }
+
+    #[derive(serde::Deserialize)]
+    struct FixtureCase {
+        classes: Vec<String>,
+        z_mm: Vec<f64>,
+        probabilities: Vec<Vec<f32>>,
+        switch_penalty: f64,
+        skip_penalty: f64,
+        decoded: Vec<usize>,
+    }
+
+    /// training/order.py is a port of this decoder (self-training tools decode offline as the
+    /// node does); the fixture holds its answers, which this decoder must give too.
+    #[test]
+    fn python_port_agrees() {
+        #[derive(serde::Deserialize)]
+        struct Fixture {
+            cases: Vec<FixtureCase>,
+        }
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/order/cases.json"
+        );
+        let text = std::fs::read_to_string(path).expect("fixture written by order_fixture.py");
+        let fixture: Fixture = serde_json::from_str(&text).expect("fixture JSON");
+        assert!(fixture.cases.len() >= 20);
+        for (n, case) in fixture.cases.iter().enumerate() {
+            let images: Vec<Labelled> = case
+                .z_mm
+                .iter()
+                .zip(&case.probabilities)
+                .map(|(&z_mm, p)| Labelled {
+                    z_mm,
+                    probabilities: p.clone(),
+                })
+                .collect();
+            let rules = OrderRules {
+                switch_penalty: case.switch_penalty,
+                skip_penalty: case.skip_penalty,
+            };
+            let labels = decode(&images, &case.classes, &rules).expect("known classes");
+            assert_eq!(labels, case.decoded, "case {n}");
+        }
+    }
 }

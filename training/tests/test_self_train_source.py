@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from training import data
+from training import data, order
 from training.data import CLASSES, read_npz_arrays
 from training.tools import self_train_source as st
 
@@ -18,15 +18,28 @@ def probs_of(labels, p=0.99):
     return out
 
 
-def test_decoding_never_goes_back_up_the_body_and_other_goes_anywhere():
+def test_decoding_is_the_nodes_head_to_foot_order():
     names = lambda idx: [CLASSES[i] for i in idx]
-    ordered = ["neck", "other", "lungs", "liver", "other", "pelvis", "legs"]
-    assert names(st.decode_order(probs_of(ordered), CLASSES)) == ordered
+    ordered = ["other", "neck", "lungs", "liver", "other", "pelvis", "legs"]
+    z = -40.0 * np.arange(len(ordered))
+    assert names(order.decode(probs_of(ordered), z, CLASSES)) == ordered
+    # given foot first, the same labels: the decoder sorts by z
+    assert names(order.decode(probs_of(ordered)[::-1], z[::-1], CLASSES)) == ordered[::-1]
     # A confident "legs" between neck slices is out of order; the decoding overrules it.
     p = probs_of(["neck", "neck", "legs", "neck", "lungs"])
     p[2] = probs_of(["legs"], 0.6)[0]
-    assert names(st.decode_order(p, CLASSES)) == ["neck", "neck", "neck", "neck", "lungs"]
-    assert len(st.decode_order(np.zeros((0, len(CLASSES))), CLASSES)) == 0
+    assert names(order.decode(p, -10.0 * np.arange(5), CLASSES)) == ["neck", "neck", "neck", "neck", "lungs"]
+    assert len(order.decode(np.zeros((0, len(CLASSES))), np.zeros(0), CLASSES)) == 0
+
+
+def test_the_port_agrees_with_the_fixture_the_rust_decoder_checks():
+    import json
+    from pathlib import Path
+    fixture = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "order" / "cases.json"
+    cases = json.loads(fixture.read_text())["cases"]
+    for n, c in enumerate(cases):
+        got = order.decode(c["probabilities"], c["z_mm"], c["classes"], c["switch_penalty"], c["skip_penalty"])
+        assert got.tolist() == c["decoded"], f"case {n}"
 
 
 def test_pseudo_labels_need_confidence_and_the_series_order():

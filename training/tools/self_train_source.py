@@ -17,9 +17,9 @@ SCORED persons, on which all three arms are scored with their human labels:
                included, transductively; `labelled`: only the N persons' images). An image
                becomes a pseudo label, as `anatomy-node mine` makes them, where the calibrated
                probability of its class reaches `--min-probability` (0.98) AND that class is the
-               one its series' head-to-foot decoding gives it (`decode_order`: the most probable
-               labelling whose anatomical classes never go back up the body, `other` anywhere;
-               series sorted by z, head first). Those images join the training split as
+               one its series' head-to-foot decoding gives it (training/order.py, the port of the
+               node's decoder src/anatomy/order.rs: the most probable labelling along z through
+               head, neck, lungs, liver, mid-abdomen, pelvis, legs, with the node's penalties). Those images join the training split as
                `pseudo:<before model>` rows (a copy; the originals stay in test with their human
                labels, the copy under another patient key) and the same recipe trains again.
                No human label of the source is used.
@@ -42,51 +42,12 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the training package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from training import order  # noqa: E402
 from training.data import AMBIGUOUS, read_npz_arrays, write_npz_arrays  # noqa: E402
 from training.tools import hold_out  # noqa: E402
 
-# Head to foot: a series' anatomical classes never go back up this order.
-ORDER = ("neck", "lungs", "liver", "pelvis", "legs")
 PSEUDO_PREFIX = "pseudo:"
 ARMS = ("before", "self-train", "labelled")
-
-
-def decode_order(probabilities: np.ndarray, classes) -> np.ndarray:
-    """The most probable labelling of one series' images, given head first, whose anatomical
-    classes (ORDER) never go back up the body; other classes (`other`) may come anywhere.
-    Returns class indices [n]."""
-    p = np.asarray(probabilities, dtype=np.float64)
-    n, c = p.shape
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    logp = np.log(np.clip(p, 1e-12, 1.0))
-    rank = [ORDER.index(k) if k in ORDER else None for k in classes]
-    # State r: the rank of the last anatomical class so far (0: none yet, 1 + index otherwise).
-    states = len(ORDER) + 1
-    score = np.full(states, -np.inf)
-    score[0] = 0.0
-    back = np.zeros((n, states, 2), dtype=np.int64)  # (previous state, class)
-    for i in range(n):
-        new = np.full(states, -np.inf)
-        for r in range(states):
-            if score[r] == -np.inf:
-                continue
-            for k in range(c):
-                to = r if rank[k] is None else rank[k] + 1
-                if to < r:
-                    continue
-                s = score[r] + logp[i, k]
-                if s > new[to]:
-                    new[to] = s
-                    back[i, to] = (r, k)
-        score = new
-    labels = np.zeros(n, dtype=np.int64)
-    r = int(np.argmax(score))
-    for i in range(n - 1, -1, -1):
-        prev, k = back[i, r]
-        labels[i] = k
-        r = int(prev)
-    return labels
 
 
 def pseudo_labels(probabilities: np.ndarray, series: np.ndarray, z_mm: np.ndarray, classes,
@@ -99,8 +60,7 @@ def pseudo_labels(probabilities: np.ndarray, series: np.ndarray, z_mm: np.ndarra
     for s in np.unique(series):
         idx = np.flatnonzero(series == s)
         z = np.nan_to_num(np.asarray(z_mm, dtype=np.float64)[idx], nan=0.0)
-        idx = idx[np.argsort(-z, kind="stable")]  # head first: z grows towards the head
-        decoded[idx] = decode_order(p[idx], classes)
+        decoded[idx] = order.decode(p[idx], z, classes)  # the node's decoder (training/order.py)
     confident = p[np.arange(len(p)), raw] >= min_probability
     why = np.where(~confident, "below-threshold", np.where(raw != decoded, "out-of-order", "kept"))
     return raw, why
