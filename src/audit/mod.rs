@@ -54,10 +54,12 @@ pub enum EventType {
     Forward,
     HttpRequest,
     AuthFailure,
+    /// Certificates or other settings reloaded while running (SIGHUP).
+    ConfigReload,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 10] = [
         EventType::NodeStart,
         EventType::NodeStop,
         EventType::AssociationAccepted,
@@ -67,6 +69,7 @@ impl EventType {
         EventType::Forward,
         EventType::HttpRequest,
         EventType::AuthFailure,
+        EventType::ConfigReload,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +83,7 @@ impl EventType {
             EventType::Forward => "forward",
             EventType::HttpRequest => "http_request",
             EventType::AuthFailure => "auth_failure",
+            EventType::ConfigReload => "config_reload",
         }
     }
 
@@ -287,7 +291,9 @@ impl AuditLog {
         peer: std::net::SocketAddr,
         calling_ae: &str,
         contexts: usize,
+        client_cert: Option<&crate::net::CertificateIdentity>,
     ) -> AssociationAudit {
+        let cert = client_cert.map_or_else(String::new, |c| format!("; client certificate {c}"));
         self.record(
             AuditEvent::new(
                 EventType::AssociationAccepted,
@@ -295,7 +301,7 @@ impl AuditLog {
                 calling_ae.trim(),
             )
             .peer(peer)
-            .detail(format!("{contexts} presentation contexts accepted")),
+            .detail(format!("{contexts} presentation contexts accepted{cert}")),
         );
         AssociationAudit {
             log: self.clone(),

@@ -251,6 +251,7 @@ impl Archive {
                         host: archive.host.clone(),
                         port: archive.port,
                         calling_ae_title: archive.calling_ae_title.clone(),
+                        tls: std::sync::Arc::new(archive.tls.clone()),
                     },
                     timeouts,
                     max_pdu_length: archive.max_pdu_length,

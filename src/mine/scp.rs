@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use dicom_dictionary_std::uids;
 use dicom_ul::association::server::ServerAssociationOptions;
-use dicom_ul::association::AsyncServerAssociation;
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use dicom_ul::Pdu;
 use tokio::net::{TcpListener, TcpStream};
@@ -99,7 +98,16 @@ async fn serve(
     for ts in TRANSFER_SYNTAXES {
         options = options.with_transfer_syntax(*ts);
     }
-    let mut assoc = match tokio::time::timeout(idle, options.establish_async(socket)).await {
+    // The archive reaches this destination on plain TCP: it lives while `mine` runs and
+    // binds where `archive.move_bind` says (TLS for it is not implemented).
+    let incoming = match crate::net::Incoming::new(socket, peer, crate::net::Transport::Plain) {
+        Ok(incoming) => incoming,
+        Err(e) => {
+            warn!(%peer, error = %e, "C-MOVE destination: connection refused");
+            return;
+        }
+    };
+    let mut assoc = match tokio::time::timeout(idle, incoming.accept(options)).await {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
             warn!(%peer, error = %e, "C-MOVE destination: association refused");
@@ -107,7 +115,7 @@ async fn serve(
         }
         Err(_) => return,
     };
-    debug!(%peer, calling_ae = dicom_ul::association::Association::peer_ae_title(&assoc), "C-MOVE destination: association");
+    debug!(%peer, calling_ae = assoc.peer_ae_title(), "C-MOVE destination: association");
     let contexts: Vec<(u8, String)> = assoc
         .presentation_contexts()
         .iter()
@@ -249,7 +257,7 @@ async fn serve(
 }
 
 async fn respond(
-    assoc: &mut AsyncServerAssociation<TcpStream>,
+    assoc: &mut crate::net::ServerAssociation,
     context: u8,
     command: Vec<u8>,
 ) -> Result<(), dicom_ul::association::Error> {
