@@ -171,6 +171,12 @@ impl AuditEvent {
         self
     }
 
+    /// The subject of the peer's TLS client certificate, when it showed one.
+    pub fn certificate(mut self, cert: Option<&crate::net::CertificateIdentity>) -> Self {
+        self.cert_subject = cert.map(|c| clip(c.subject.clone()));
+        self
+    }
+
     pub fn object(mut self, object: impl Into<String>) -> Self {
         self.object = Some(clip(object.into()));
         self
@@ -301,12 +307,14 @@ impl AuditLog {
                 calling_ae.trim(),
             )
             .peer(peer)
+            .certificate(client_cert)
             .detail(format!("{contexts} presentation contexts accepted{cert}")),
         );
         AssociationAudit {
             log: self.clone(),
             peer,
             calling_ae: calling_ae.trim().to_string(),
+            cert: client_cert.cloned(),
             received: Arc::new(ReceivedTally::default()),
         }
     }
@@ -322,6 +330,8 @@ pub struct AssociationAudit {
     log: AuditLog,
     peer: std::net::SocketAddr,
     calling_ae: String,
+    /// The TLS client certificate of the association, for every event it records.
+    cert: Option<crate::net::CertificateIdentity>,
     received: Arc<ReceivedTally>,
 }
 
@@ -341,6 +351,7 @@ impl AssociationAudit {
         self.log.record(
             AuditEvent::new(EventType::CFind, outcome, &self.calling_ae)
                 .peer(self.peer)
+                .certificate(self.cert.as_ref())
                 .object(if level.is_empty() { "?" } else { level })
                 .detail(format!("{matches} matches, status {status:04X}")),
         );
@@ -367,6 +378,7 @@ impl AssociationAudit {
         self.log.record(
             AuditEvent::new(EventType::InstancesReceived, outcome, &self.calling_ae)
                 .peer(self.peer)
+                .certificate(self.cert.as_ref())
                 .uids(&summary.studies, &summary.series)
                 .detail(format!(
                     "{} stored, {} failed",

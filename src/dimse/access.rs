@@ -75,6 +75,7 @@ impl PeerAccess {
                     calling.trim(),
                 )
                 .peer(peer)
+                .certificate(self.client_cert.get().map(CertificateIdentity::of).as_ref())
                 .object(format!("called AE {}", called.trim()))
                 .detail(why),
             );

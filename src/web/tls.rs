@@ -15,15 +15,18 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::net::TlsError;
-
 /// A client gets this long to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A certificate or key of the HTTP port that does not load, named by its keys.
+#[derive(Debug, thiserror::Error)]
+#[error("http.tls_cert / http.tls_key: {0}")]
+pub struct TlsError(#[from] crate::net::TlsError);
 
 /// The server configuration from the PEM files of `http.tls_cert` and `http.tls_key`
 /// (read by [`crate::net::tls`], as the DICOM port's are).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let mut config = crate::net::tls::single_cert_server(cert, key)?;
+    let mut config = crate::net::tls::single_cert_server(cert, key).map_err(TlsError)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
