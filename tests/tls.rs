@@ -83,6 +83,7 @@ fn dcmtk_stores_and_queries_over_mutual_tls_and_strangers_are_refused() {
     let client = ca.client("storescu");
     let pinned = ca.client("pinned");
     let stranger = other_ca.client("storescu");
+    let expired = ca.expired_client("storescu");
     let tls_port = free_port();
     let node = Node::start_with(NodeOptions {
         extra_dicom: tls_section(tls_port, &server, Some(&ca.cert)),
@@ -187,9 +188,32 @@ fn dcmtk_stores_and_queries_over_mutual_tls_and_strangers_are_refused() {
         !out.status.success(),
         "plain DICOM on the TLS port is refused"
     );
+    let log = over_tls(
+        "echoscu",
+        "ECHOSCU",
+        &expired.dcmtk_args(),
+        &ca.cert,
+        tls_port,
+        &[],
+    );
+    assert!(!ok(&log), "an expired certificate is refused: {log}");
+    // TLS 1.1 (openssl allowed to offer it): no handshake.
+    let out = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-tls1_1",
+            "-cipher",
+            "DEFAULT@SECLEVEL=0",
+            "-connect",
+        ])
+        .arg(format!("127.0.0.1:{tls_port}"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "TLS 1.1 is refused: {}", text(&out));
     assert!(
-        wait_until(10, || refusals(&node, "TLS handshake failed") >= 3),
-        "three TLS refusals audited:\n{}",
+        wait_until(10, || refusals(&node, "TLS handshake failed") >= 5),
+        "five TLS refusals audited:\n{}",
         node.log()
     );
     assert!(node

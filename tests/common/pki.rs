@@ -95,8 +95,10 @@ impl Ca {
         }
     }
 
-    /// A certificate for `subject` (`/CN=.../O=...`) signed by this CA; `file` names it.
-    fn issue(&self, file: &str, subject: &str, extensions: &str) -> KeyPair {
+    /// A certificate for `subject` (`/CN=.../O=...`) signed by this CA, valid `days` from
+    /// now (-1: expired yesterday); `file` names it.
+    fn issue(&self, file: &str, subject: &str, extensions: &str, days: i32) -> KeyPair {
+        let days = days.to_string();
         let key = self.dir.join(format!("{file}.key"));
         let csr = self.dir.join(format!("{file}.csr"));
         let cert = self.dir.join(format!("{file}.crt"));
@@ -125,7 +127,7 @@ impl Ca {
             &s(&self.key),
             "-CAcreateserial",
             "-days",
-            "30",
+            &days,
             "-out",
             &s(&cert),
             "-extfile",
@@ -141,16 +143,27 @@ impl Ca {
             "/CN=localhost/O=Test",
             "basicConstraints=CA:FALSE\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n\
              keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n",
+            30,
         )
     }
 
     /// A client certificate with common name `cn` (subject `CN=cn,O=Test`).
     pub fn client(&self, cn: &str) -> KeyPair {
+        self.client_valid_for(cn, 30)
+    }
+
+    /// A client certificate that expired yesterday.
+    pub fn expired_client(&self, cn: &str) -> KeyPair {
+        self.client_valid_for(cn, -1)
+    }
+
+    fn client_valid_for(&self, cn: &str, days: i32) -> KeyPair {
         self.issue(
-            &format!("{}-{cn}", self.name),
+            &format!("{}-{cn}-{days}", self.name),
             &format!("/CN={cn}/O=Test"),
             "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
              extendedKeyUsage=clientAuth\n",
+            days,
         )
     }
 }
