@@ -32,7 +32,8 @@ impl KeyPair {
             "-in",
             &s(&self.cert),
         ]);
-        out.trim()
+        String::from_utf8_lossy(&out)
+            .trim()
             .split_once('=')
             .map(|(_, f)| f.to_string())
             .expect("fingerprint")
@@ -50,17 +51,18 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn openssl(args: &[&str]) -> String {
+/// Run the openssl CLI; its stdout (the test fails with its stderr when it fails).
+pub fn openssl(args: &[&str]) -> Vec<u8> {
     let out = Command::new("openssl")
         .args(args)
         .output()
-        .expect("openssl CLI");
+        .expect("run openssl (apt package openssl)");
     assert!(
         out.status.success(),
         "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        super::text(&out)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    out.stdout
 }
 
 impl Ca {
