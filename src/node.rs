@@ -47,6 +47,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    let dicom_tls = dicom_security(&config)?;
     let metrics = Arc::new(Metrics::new());
     let index = open_index(&config).await?;
     let (audit, audit_writer) =
@@ -96,7 +97,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             )),
     );
     let web_store = ctx.store.clone();
-    let (listeners, dicom_tls) = bind_dicom(&config, ctx).await?;
+    let listeners = bind_dicom(&config, ctx, dicom_tls.clone()).await?;
 
     let http = match http_security {
         Some(security) => Some(
@@ -304,28 +305,38 @@ fn node_id() -> String {
     format!("{}:{}", host.trim(), std::process::id())
 }
 
+/// The DICOM TLS server of `[dicom.tls]`, and a check that every destination's and the
+/// archive's TLS files load, so a bad certificate stops the node before it opens a port.
+fn dicom_security(config: &Config) -> anyhow::Result<Option<Arc<ServerTls>>> {
+    for (i, d) in config.destinations.iter().enumerate() {
+        crate::net::ClientTls::build(&d.tls, &d.host)
+            .with_context(|| format!("destinations[{i}].tls"))?;
+    }
+    match config.dicom.tls.server_files() {
+        Some(files) => Ok(Some(Arc::new(ServerTls::load(files).context("dicom.tls")?))),
+        None => Ok(None),
+    }
+}
+
 /// The DICOM listeners: the plain port (unless `dicom.tls.plain_port = false`) and the TLS
-/// port of `[dicom.tls]`, sharing one association limit; and the TLS server, for reloads.
+/// port of `[dicom.tls]` with `tls`, sharing one association limit.
 async fn bind_dicom(
     config: &Config,
     ctx: Arc<ServiceContext>,
-) -> anyhow::Result<(Vec<Listener>, Option<Arc<ServerTls>>)> {
+    tls: Option<Arc<ServerTls>>,
+) -> anyhow::Result<Vec<Listener>> {
     let dicom = &config.dicom;
     let limits = Limits::new(dicom.max_associations);
     let mut listeners = Vec::new();
-    let tls = match (dicom.tls.port, dicom.tls.server_files()) {
-        (Some(port), Some(files)) => {
-            let tls = Arc::new(ServerTls::load(files).context("dicom.tls")?);
-            let addr = SocketAddr::new(dicom.bind, port);
-            let listener = Listener::bind(addr, ctx.clone(), Some(tls.clone()), limits.clone())
-                .await
-                .with_context(|| format!("listening on dicom.tls.port {addr}"))?;
-            info!(%addr, ae_title = %dicom.ae_title, client_ca = ?tls.files().client_ca, require_client_cert = dicom.tls.require_client_cert, "DICOM TLS listener ready");
-            listeners.push(listener);
-            Some(tls)
-        }
-        _ => None,
-    };
+    if let (Some(port), Some(tls)) = (dicom.tls.port, tls) {
+        let addr = SocketAddr::new(dicom.bind, port);
+        let client_ca = tls.files().client_ca.clone();
+        let listener = Listener::bind(addr, ctx.clone(), Some(tls), limits.clone())
+            .await
+            .with_context(|| format!("listening on dicom.tls.port {addr}"))?;
+        info!(%addr, ae_title = %dicom.ae_title, ?client_ca, require_client_cert = dicom.tls.require_client_cert, "DICOM TLS listener ready");
+        listeners.push(listener);
+    }
     if dicom.tls.plain_port {
         let addr = SocketAddr::new(dicom.bind, dicom.port);
         let listener = Listener::bind(addr, ctx, None, limits)
@@ -334,7 +345,7 @@ async fn bind_dicom(
         info!(%addr, ae_title = %dicom.ae_title, storage = %config.storage.path.display(), "DICOM listener ready");
         listeners.push(listener);
     }
-    Ok((listeners, tls))
+    Ok(listeners)
 }
 
 /// Wait for SIGTERM or SIGINT. SIGHUP meanwhile reloads the DICOM TLS certificate, key and

@@ -705,6 +705,11 @@ fn forwarding_configuration_errors_name_the_key() {
             "[[destinations]]\nname = \"A\"\nae_title = \"A\"\nhost = \"h\"\nport = 104\nretries = 3\n",
             "unknown field `retries`",
         ),
+        (
+            "[[destinations]]\nname = \"A\"\nae_title = \"A\"\nhost = \"h\"\nport = 2762\n\
+             [destinations.tls]\nenabled = true\n",
+            "destinations[0].tls.ca_file is required",
+        ),
     ];
     for (toml, expected) in cases {
         let config = dir.path().join("bad.toml");

@@ -408,3 +408,87 @@ fn sighup_swaps_the_certificate_and_an_open_association_completes() {
     node.sigterm();
     assert!(node.wait_exit(30).success());
 }
+
+#[test]
+fn a_full_node_answers_a_tls_client_with_a_transient_rejection() {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = Ca::new(pki.path(), "ca");
+    let server = ca.server("server");
+    let tls_port = free_port();
+    let node = Node::start_with(NodeOptions {
+        max_associations: 1,
+        extra_dicom: tls_section(tls_port, &server, None),
+        ..NodeOptions::default()
+    });
+    let rt = common::runtime();
+    let ct = (
+        "1.2.840.10008.5.1.4.1.1.2".to_string(),
+        "1.2.840.10008.1.2.1".to_string(),
+    );
+    // The one association the node serves, held open over TLS.
+    let held = rt
+        .block_on(Association::open(
+            &scu_peer(tls_port, &ca.cert),
+            &anatomy_node::forward::scu::proposals(&[ct]),
+            262_144,
+            Timeouts {
+                connect: Duration::from_secs(5),
+                dimse: Duration::from_secs(20),
+            },
+        ))
+        .expect("the first TLS association");
+    let anonymous = vec!["+tla".to_string()];
+    let log = over_tls("echoscu", "ECHOSCU", &anonymous, &ca.cert, tls_port, &[]);
+    assert!(
+        !ok(&log) && log.contains("Rejected Transient") && log.contains("Local Limit Exceeded"),
+        "A-ASSOCIATE-RJ over TLS: {log}"
+    );
+    assert!(node.log().contains("association limit reached"));
+    rt.block_on(held.release());
+    assert!(
+        wait_until(10, || ok(&over_tls(
+            "echoscu",
+            "ECHOSCU",
+            &anonymous,
+            &ca.cert,
+            tls_port,
+            &[]
+        ))),
+        "echoscu once the slot is free:\n{}",
+        node.log()
+    );
+}
+
+#[test]
+fn a_tls_file_that_does_not_load_stops_the_node_before_it_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dicom]\nport = {}\n\n[dicom.tls]\nport = {}\ncert = \"missing.crt\"\nkey = \"missing.key\"\n\n\
+             [http]\nenabled = false\n\n[storage]\npath = \"{}\"\n\n[classifier]\nenabled = false\n",
+            free_port(),
+            free_port(),
+            dir.path().join("storage").display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_anatomy-node"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ended = wait_until(20, || child.try_wait().ok().flatten().is_some());
+    if !ended {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(ended && !out.status.success(), "the node started");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dicom.tls") && err.contains("missing.crt"),
+        "the error names the key and the file: {err}"
+    );
+}
