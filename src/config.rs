@@ -503,6 +503,7 @@ impl Config {
         }
         self.mine.resolve_paths(base);
         self.archive.tls.resolve_paths(base);
+        self.archive.move_tls.resolve_paths(base);
         for d in &mut self.destinations {
             d.tls.resolve_paths(base);
         }

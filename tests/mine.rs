@@ -1508,47 +1508,58 @@ fn a_range_still_capped_in_one_second_is_reported_and_the_exit_code_is_3() {
 }
 
 #[test]
-fn mining_by_c_get_from_an_archive_with_dicom_tls() {
+fn mining_by_c_get_and_c_move_from_an_archive_with_dicom_tls() {
     let pki = tempfile::tempdir().unwrap();
     let ca = common::pki::Ca::new(pki.path(), "ca");
     let archive = ca.server("archive");
     let miner = ca.client("miner");
-    let s = Setup::with(0, Some((archive.cert, archive.key, ca.cert.clone())));
-    let work = s.work();
-    let c = synthetic(work, 11);
-    s.orthanc.upload_all(&c.files);
-    let document = kos(
-        work,
-        &[c.instance(0)],
-        Note {
-            code: Some(LUNG),
-            ..Note::default()
-        },
-    );
-    s.orthanc.upload_all(&[document]);
-    // [archive.tls] after [mine]: TOML lets a sub-table of [archive] come later.
-    let tls = format!(
-        "\n[archive.tls]\nenabled = true\nca_file = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
-         server_name = \"localhost\"\n",
-        ca.cert.display(),
-        miner.cert.display(),
-        miner.key.display()
-    );
-    let config = s.config("get", &tls);
-    let out = work.join("out-tls");
-    let output = mine(&config, &out, &[]);
-    assert_exit(&output, 0);
-    let (_, rows) = manifest(&out);
-    assert!(
-        labels(&rows).contains(&expect(&c.sops[0], "lungs", "mined:kos")),
-        "the labelled image mined over TLS: {rows:?}"
-    );
+    // The C-MOVE destination's certificate; Orthanc checks it against the same CA.
+    let mover = ca.server("mover");
+    for retrieve in ["get", "move"] {
+        let s = Setup::with(
+            0,
+            Some((archive.cert.clone(), archive.key.clone(), ca.cert.clone())),
+        );
+        let work = s.work();
+        let c = synthetic(work, 11);
+        s.orthanc.upload_all(&c.files);
+        let document = kos(
+            work,
+            &[c.instance(0)],
+            Note {
+                code: Some(LUNG),
+                ..Note::default()
+            },
+        );
+        s.orthanc.upload_all(&[document]);
+        // [archive.tls] after [mine]: TOML lets sub-tables of [archive] come later.
+        let tls = format!(
+            "\n[archive.tls]\nenabled = true\nca_file = \"{ca}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             server_name = \"localhost\"\n\n[archive.move_tls]\nenabled = true\ncert = \"{}\"\n\
+             key = \"{}\"\nclient_ca = \"{ca}\"\nrequire_client_cert = true\n",
+            miner.cert.display(),
+            miner.key.display(),
+            mover.cert.display(),
+            mover.key.display(),
+            ca = ca.cert.display(),
+        );
+        let config = s.config(retrieve, &tls);
+        let out = work.join("out-tls");
+        let output = mine(&config, &out, &[]);
+        assert_exit(&output, 0);
+        let (_, rows) = manifest(&out);
+        assert!(
+            labels(&rows).contains(&expect(&c.sops[0], "lungs", "mined:kos")),
+            "{retrieve}: the labelled image mined over TLS: {rows:?}\n{}",
+            s.orthanc.log()
+        );
 
-    // Without TLS the archive's TLS-only port gives nothing.
-    let plain = s.config("get", "");
-    let output = mine(&plain, &work.join("out-plain"), &[]);
-    assert!(
-        !output.status.success(),
-        "plain DICOM to a TLS-only archive fails"
-    );
+        // Without TLS the archive's TLS-only port gives nothing.
+        let plain = s.config(retrieve, "");
+        let output = mine(&plain, &work.join("out-plain"), &[]);
+        assert!(
+            !output.status.success(),
+            "{retrieve}: plain DICOM to a TLS-only archive fails"
+        );
+    }
 }

@@ -49,6 +49,8 @@ pub struct ArchiveConfig {
     pub find_answer_limit: usize,
     /// `[archive.tls]`: DICOM TLS to the archive (C-FIND, C-MOVE, C-GET associations).
     pub tls: crate::net::ClientTlsConfig,
+    /// `[archive.move_tls]`: DICOM TLS on the temporary C-MOVE destination.
+    pub move_tls: crate::net::ServerTlsConfig,
 }
 
 impl Default for ArchiveConfig {
@@ -68,6 +70,7 @@ impl Default for ArchiveConfig {
             query_page_days: 0,
             find_answer_limit: 0,
             tls: Default::default(),
+            move_tls: Default::default(),
         }
     }
 }

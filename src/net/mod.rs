@@ -8,4 +8,4 @@ pub mod tls;
 
 pub use association::{ClientAssociation, Incoming, ServerAssociation, Transport};
 pub use identity::{CertificateIdentity, PeerIdentity};
-pub use tls::{ClientTls, ClientTlsConfig, ServerFiles, ServerTls, TlsError};
+pub use tls::{ClientTls, ClientTlsConfig, ServerFiles, ServerTls, ServerTlsConfig, TlsError};

@@ -293,6 +293,58 @@ impl ClientCertVerifier for Recording {
     }
 }
 
+/// A TLS server that is switched on by a key (`archive.move_tls`, the C-MOVE destination of
+/// `mine`), as opposed to `[dicom.tls]`, which a port switches on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerTlsConfig {
+    pub enabled: bool,
+    /// The certificate chain and private key (PEM).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// CA bundle client certificates are verified against; unset: none asked for.
+    pub client_ca: Option<PathBuf>,
+    /// Refuse a handshake without a client certificate (needs `client_ca`).
+    pub require_client_cert: bool,
+}
+
+impl ServerTlsConfig {
+    pub fn resolve_paths(&mut self, base: &Path) {
+        resolve(base, [&mut self.cert, &mut self.key, &mut self.client_ca]);
+    }
+
+    /// The server, `None` when not enabled; `what` names the key in errors.
+    pub fn load(&self, what: &str) -> Result<Option<ServerTls>, String> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let (Some(cert), Some(key)) = (&self.cert, &self.key) else {
+            return Err(format!(
+                "{what}.cert and {what}.key are required when enabled"
+            ));
+        };
+        ServerTls::load(ServerFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.client_ca.clone(),
+            require_client_cert: self.require_client_cert,
+        })
+        .map(Some)
+        .map_err(|e| format!("{what}: {e}"))
+    }
+}
+
+/// Relative file names are taken from the configuration file's directory; empty is unset.
+fn resolve<const N: usize>(base: &Path, files: [&mut Option<PathBuf>; N]) {
+    for file in files {
+        match file.as_mut() {
+            Some(f) if f.as_os_str().is_empty() => *file = None,
+            Some(f) if f.is_relative() => *f = base.join(&*f),
+            _ => {}
+        }
+    }
+}
+
 /// `tls` of a destination or of the archive: how the node, as SCU, reaches a TLS peer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -311,13 +363,7 @@ pub struct ClientTlsConfig {
 impl ClientTlsConfig {
     /// Relative file names are taken from the configuration file's directory.
     pub fn resolve_paths(&mut self, base: &Path) {
-        for file in [&mut self.ca_file, &mut self.cert, &mut self.key] {
-            match file.as_mut() {
-                Some(f) if f.as_os_str().is_empty() => *file = None,
-                Some(f) if f.is_relative() => *f = base.join(&*f),
-                _ => {}
-            }
-        }
+        resolve(base, [&mut self.ca_file, &mut self.cert, &mut self.key]);
     }
 
     /// A configuration error, said with the key's place (`what`).

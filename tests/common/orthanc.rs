@@ -76,7 +76,15 @@ impl Orthanc {
         let modalities: serde_json::Map<String, Value> = options
             .modalities
             .iter()
-            .map(|(name, ae, port)| (name.clone(), json!([ae, "127.0.0.1", port])))
+            .map(|(name, ae, port)| {
+                let entry = if options.dicom_tls.is_some() {
+                    // Orthanc then also sends (C-MOVE sub-operations) over TLS.
+                    json!({"AET": ae, "Host": "127.0.0.1", "Port": port, "UseDicomTls": true})
+                } else {
+                    json!([ae, "127.0.0.1", port])
+                };
+                (name.clone(), entry)
+            })
             .collect();
         let plugins: Vec<&str> = if options.dicomweb {
             assert!(
