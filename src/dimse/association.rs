@@ -244,6 +244,13 @@ fn rejection_outcome(e: &dicom_ul::association::Error) -> String {
                 _ => "rejected_other".into(),
             }
         }
+        // A probe that connects to the TLS port and leaves without a ClientHello is a port
+        // check, as on the plain port, not a refused peer.
+        dicom_ul::association::Error::TlsHandshake { source, .. }
+            if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            "closed_before_request".into()
+        }
         dicom_ul::association::Error::TlsHandshake { .. } => "tls_handshake_failed".into(),
         e if is_closed_before_request(e) => "closed_before_request".into(),
         _ => "failed".into(),
