@@ -492,3 +492,40 @@ fn a_tls_file_that_does_not_load_stops_the_node_before_it_listens() {
         "the error names the key and the file: {err}"
     );
 }
+
+#[test]
+fn with_plain_port_false_only_the_tls_port_listens() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let server = ca.server("server");
+    let (plain_port, tls_port) = (free_port(), free_port());
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dicom]\nbind = \"127.0.0.1\"\nport = {plain_port}\nallowed_peers = \"ECHOSCU@127.0.0.1\"\n\n\
+             {}plain_port = false\n\n[http]\nenabled = false\n\n[storage]\npath = \"{}\"\n\n\
+             [classifier]\nenabled = false\n",
+            tls_section(tls_port, &server, None),
+            dir.path().join("storage").display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_anatomy-node"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = wait_until(30, || {
+        std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_ok()
+    });
+    let anonymous = vec!["+tla".to_string()];
+    let log = over_tls("echoscu", "ECHOSCU", &anonymous, &ca.cert, tls_port, &[]);
+    let plain_open = std::net::TcpStream::connect(("127.0.0.1", plain_port)).is_ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(up, "the TLS port listens");
+    assert!(ok(&log), "echoscu over TLS: {log}");
+    assert!(!plain_open, "no plain port");
+}

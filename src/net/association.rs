@@ -13,7 +13,6 @@ use dicom_ul::Pdu;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::identity::PeerIdentity;
 use super::tls::{ClientCertSlot, ClientTls, ServerTls};
 
 type Result<T> = std::result::Result<T, dicom_ul::association::Error>;
@@ -104,11 +103,6 @@ impl Incoming {
 
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
-    }
-
-    /// The peer as known so far (its certificate once the handshake has run).
-    pub fn identity(&self) -> PeerIdentity {
-        PeerIdentity::with_certificate(self.peer, self.client_cert.get())
     }
 
     /// Handshake (TLS) and negotiate. The access control of `options` may read

@@ -23,13 +23,6 @@ pub struct CertificateIdentity {
 }
 
 impl PeerIdentity {
-    pub fn plain(addr: SocketAddr) -> Self {
-        Self {
-            addr,
-            certificate: None,
-        }
-    }
-
     pub fn with_certificate(addr: SocketAddr, der: Option<&CertificateDer<'_>>) -> Self {
         Self {
             addr,
