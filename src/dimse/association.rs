@@ -64,12 +64,12 @@ pub async fn serve(incoming: Incoming, ctx: Arc<ServiceContext>, shutdown: Cance
             peer,
             association.peer_ae_title(),
             contexts.len(),
-            association.1.certificate.as_ref(),
+            association.peer.certificate.as_ref(),
         );
         let mut handler = Handler {
             audit: audit.clone(),
             ctx: ctx.clone(),
-            association: association.0,
+            association: association.association,
             contexts,
             command_buf: Vec::new(),
             transfer: None,
@@ -87,16 +87,19 @@ pub async fn serve(incoming: Incoming, ctx: Arc<ServiceContext>, shutdown: Cance
 }
 
 /// An association with who is at the other end.
-struct Established(ServerAssociation, PeerIdentity);
+struct Established {
+    association: ServerAssociation,
+    peer: PeerIdentity,
+}
 
 impl Established {
     fn peer_ae_title(&self) -> &str {
-        self.0.peer_ae_title()
+        self.association.peer_ae_title()
     }
 }
 
 fn association_cert(association: &Established) -> String {
-    match &association.1.certificate {
+    match &association.peer.certificate {
         Some(c) => c.to_string(),
         None => "none".into(),
     }
@@ -153,10 +156,10 @@ async fn establish(incoming: Incoming, ctx: &ServiceContext) -> Option<Establish
             }
             None
         }
-        Ok(Ok(a)) => Some(Established(
-            a,
-            PeerIdentity::with_certificate(peer, slot.get()),
-        )),
+        Ok(Ok(association)) => Some(Established {
+            association,
+            peer: PeerIdentity::with_certificate(peer, slot.get()),
+        }),
     }
 }
 
@@ -273,7 +276,7 @@ fn is_closed_before_request(e: &dicom_ul::association::Error) -> bool {
 
 fn accepted_contexts(association: &Established) -> HashMap<u8, AcceptedContext> {
     association
-        .0
+        .association
         .presentation_contexts()
         .iter()
         .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
