@@ -1,12 +1,14 @@
 //! Receiving throughput: DCMTK storescu (TCP_NODELAY=1) sends a 350-slice 512×512 16-bit
-//! CT series (about 184 MB) to anatomy-node (durable and indexed), to DCMTK storescp (no
-//! fsync, no index) and to Orthanc (SQLite index), in the same run. Prints images/s, the
-//! ratios and the node's peak RSS.
+//! CT series (about 184 MB) to anatomy-node (durable and indexed), to anatomy-node on its
+//! DICOM TLS port (storescu `+tla`, a self-signed certificate made with openssl), to DCMTK
+//! storescp (no fsync, no index) and to Orthanc (SQLite index), in the same run. Prints
+//! images/s, the ratios and the node's peak RSS.
 //!
 //!     cargo bench --bench store            # SQLite index
 //!     ANATOMY_BENCH_DATABASE_URL=postgres://... cargo bench --bench store
 //!
-//! Environment: ANATOMY_BENCH_SLICES (default 350), ANATOMY_BENCH_RUNS (default 3).
+//! Environment: ANATOMY_BENCH_SLICES (default 350), ANATOMY_BENCH_RUNS (default 3),
+//! ANATOMY_BENCH_ONLY (receiver names, comma-separated: anatomy-node, node-tls, ...).
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -39,18 +41,19 @@ fn main() {
     let only = std::env::var("ANATOMY_BENCH_ONLY").unwrap_or_default();
     for receiver in [
         Receiver::AnatomyNode,
+        Receiver::AnatomyNodeTls,
         Receiver::AnatomyNodeNoFsync,
         Receiver::StoreScp,
         Receiver::Orthanc,
     ] {
-        if !only.is_empty() && only != receiver.name() {
+        if !only.is_empty() && !only.split(',').any(|o| o.trim() == receiver.name()) {
             continue;
         }
         let mut best: Option<(f64, u64)> = None;
         for run in 0..runs {
             let dir = work.path().join(format!("{}-{run}", receiver.name()));
             let mut target = receiver.start(&dir);
-            let elapsed = send(&files, target.port, receiver.ae_title());
+            let elapsed = send(&files, &target, receiver.ae_title());
             let rate = files.len() as f64 / elapsed.as_secs_f64();
             let rss = peak_rss_kb(target.child.id());
             target.stop();
@@ -87,11 +90,16 @@ fn main() {
         rate(Receiver::Orthanc),
     );
     let no_fsync = rate(Receiver::AnatomyNodeNoFsync);
+    let tls = rate(Receiver::AnatomyNodeTls);
 
     println!();
     println!(
         "anatomy-node (fsync + index): {node:7.0} images/s, peak RSS {} MB (target < 150 MB)",
         node_rss / 1024
+    );
+    println!(
+        "anatomy-node over DICOM TLS:  {tls:7.0} images/s  -> TLS/plain = {:.2} (target >= 0.85)",
+        tls / node
     );
     println!(
         "anatomy-node, fsync = false:  {no_fsync:7.0} images/s  -> /storescp = {:.2}",
@@ -111,6 +119,8 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Receiver {
     AnatomyNode,
+    /// The same node, storescu on the DICOM TLS port.
+    AnatomyNodeTls,
     /// storage.fsync = false: survives a node crash, not a power cut.
     AnatomyNodeNoFsync,
     StoreScp,
@@ -120,6 +130,8 @@ enum Receiver {
 struct Target {
     child: Child,
     port: u16,
+    /// The certificate storescu trusts, when `port` speaks TLS.
+    tls_cert: Option<PathBuf>,
 }
 
 impl Target {
@@ -143,6 +155,7 @@ impl Receiver {
     fn name(self) -> &'static str {
         match self {
             Receiver::AnatomyNode => "anatomy-node",
+            Receiver::AnatomyNodeTls => "node-tls",
             Receiver::AnatomyNodeNoFsync => "node-no-fsync",
             Receiver::StoreScp => "storescp",
             Receiver::Orthanc => "orthanc",
@@ -151,7 +164,9 @@ impl Receiver {
 
     fn ae_title(self) -> &'static str {
         match self {
-            Receiver::AnatomyNode | Receiver::AnatomyNodeNoFsync => "ANATOMY",
+            Receiver::AnatomyNode | Receiver::AnatomyNodeTls | Receiver::AnatomyNodeNoFsync => {
+                "ANATOMY"
+            }
             Receiver::StoreScp => "STORESCP",
             Receiver::Orthanc => "ORTHANC",
         }
@@ -160,17 +175,31 @@ impl Receiver {
     fn start(self, dir: &Path) -> Target {
         std::fs::create_dir_all(dir).expect("receiver dir");
         let port = free_port();
+        let mut tls_cert = None;
         let child = match self {
-            Receiver::AnatomyNode | Receiver::AnatomyNodeNoFsync => {
+            Receiver::AnatomyNode | Receiver::AnatomyNodeTls | Receiver::AnatomyNodeNoFsync => {
                 let db = std::env::var("ANATOMY_BENCH_DATABASE_URL").unwrap_or_default();
                 if db.starts_with("postgres") {
                     reset_postgres(&db);
                 }
+                // On the TLS receiver `port` is the TLS port; the plain one is elsewhere.
+                let (plain, tls) = if self == Receiver::AnatomyNodeTls {
+                    let (cert, key) = self_signed(dir);
+                    let section = format!(
+                        "[dicom.tls]\nport = {port}\ncert = \"{}\"\nkey = \"{}\"\n",
+                        cert.display(),
+                        key.display()
+                    );
+                    tls_cert = Some(cert);
+                    (free_port(), section)
+                } else {
+                    (port, String::new())
+                };
                 let config = dir.join("config.toml");
                 std::fs::write(
                     &config,
                     format!(
-                        "[dicom]\nae_title = \"ANATOMY\"\nbind = \"127.0.0.1\"\nport = {port}\nallowed_peers = \"STORESCU@127.0.0.1\"\n\
+                        "[dicom]\nae_title = \"ANATOMY\"\nbind = \"127.0.0.1\"\nport = {plain}\nallowed_peers = \"STORESCU@127.0.0.1\"\n{tls}\
                          [http]\nenabled = false\n[storage]\npath = \"{}\"\n[database]\nurl = \"{db}\"\n[log]\nlevel = \"warn\"\n[classifier]\nenabled = false\n",
                         dir.join("storage").display()
                     ),
@@ -179,7 +208,7 @@ impl Receiver {
                 Command::new(env!("CARGO_BIN_EXE_anatomy-node"))
                     .env(
                         "ANATOMY_STORAGE__FSYNC",
-                        (self == Receiver::AnatomyNode).to_string(),
+                        (self != Receiver::AnatomyNodeNoFsync).to_string(),
                     )
                     .args(["serve", "--config"])
                     .arg(&config)
@@ -225,15 +254,50 @@ impl Receiver {
             assert!(Instant::now() < deadline, "{} did not start", self.name());
             std::thread::sleep(Duration::from_millis(50));
         }
-        Target { child, port }
+        Target {
+            child,
+            port,
+            tls_cert,
+        }
     }
 }
 
-fn send(files: &[PathBuf], port: u16, ae: &str) -> Duration {
+/// A self-signed RSA certificate for 127.0.0.1 in `dir`: (cert, key).
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status();
+    assert!(
+        matches!(status, Ok(s) if s.success()),
+        "openssl (apt package openssl)"
+    );
+    (cert, key)
+}
+
+fn send(files: &[PathBuf], target: &Target, ae: &str) -> Duration {
+    let tls: Vec<String> = match &target.tls_cert {
+        Some(cert) => vec!["+tla".into(), "+cf".into(), cert.display().to_string()],
+        None => Vec::new(),
+    };
     let started = Instant::now();
     let out = Command::new("storescu")
         .env("TCP_NODELAY", "1")
-        .args(["-aec", ae, "127.0.0.1", &port.to_string()])
+        .args(&tls)
+        .args(["-aec", ae, "127.0.0.1", &target.port.to_string()])
         .args(files)
         .output()
         .expect("storescu");

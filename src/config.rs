@@ -159,6 +159,64 @@ pub struct DicomConfig {
     pub shutdown_grace_secs: u64,
     pub allow_any_peer: bool,
     pub allowed_peers: PeerList,
+    /// `[dicom.tls]`: the DICOM TLS port (PS3.15 Annex B).
+    pub tls: DicomTlsConfig,
+}
+
+/// `[dicom.tls]`: a TLS listener on its own port, beside (or instead of) the plain one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DicomTlsConfig {
+    /// The TLS port (2762 by convention); unset: no TLS listener.
+    pub port: Option<u16>,
+    /// The server certificate chain and its private key (PEM).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// CA bundle (PEM) that client certificates are verified against; unset: none asked.
+    pub client_ca: Option<PathBuf>,
+    /// Refuse a handshake without a client certificate (needs `client_ca`).
+    pub require_client_cert: bool,
+    /// Keep the plain `dicom.port` open beside the TLS port.
+    pub plain_port: bool,
+}
+
+impl Default for DicomTlsConfig {
+    fn default() -> Self {
+        Self {
+            port: None,
+            cert: None,
+            key: None,
+            client_ca: None,
+            require_client_cert: false,
+            plain_port: true,
+        }
+    }
+}
+
+impl DicomTlsConfig {
+    /// The TLS server's files, when a TLS port is configured.
+    pub fn server_files(&self) -> Option<crate::net::ServerFiles> {
+        self.port?;
+        Some(crate::net::ServerFiles {
+            cert: self.cert.clone()?,
+            key: self.key.clone()?,
+            client_ca: self.client_ca.clone(),
+            require_client_cert: self.require_client_cert,
+        })
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.port.is_some() && (self.cert.is_none() || self.key.is_none()) {
+            return Err("dicom.tls.port needs dicom.tls.cert and dicom.tls.key".into());
+        }
+        if self.require_client_cert && self.client_ca.is_none() {
+            return Err("dicom.tls.require_client_cert needs dicom.tls.client_ca".into());
+        }
+        if self.port.is_none() && !self.plain_port {
+            return Err("dicom.tls.plain_port = false needs dicom.tls.port".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for DicomConfig {
@@ -174,17 +232,25 @@ impl Default for DicomConfig {
             shutdown_grace_secs: 30,
             allow_any_peer: false,
             allowed_peers: PeerList::default(),
+            tls: DicomTlsConfig::default(),
         }
     }
 }
 
 /// One calling AE title allowed to open associations, optionally only from one address.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AllowedPeer {
     pub ae_title: String,
     #[serde(default)]
     pub host: Option<IpAddr>,
+    /// Pinned client certificate subject (`CN=...,O=...`): the peer must connect over TLS
+    /// with a certificate whose subject this is.
+    #[serde(default)]
+    pub cert_subject: Option<String>,
+    /// Pinned client certificate SHA-256 fingerprint (hex, colons optional).
+    #[serde(default)]
+    pub cert_sha256: Option<String>,
 }
 
 impl AllowedPeer {
@@ -203,6 +269,8 @@ impl AllowedPeer {
         Ok(Self {
             ae_title: ae.trim().to_string(),
             host,
+            cert_subject: None,
+            cert_sha256: None,
         })
     }
 }
@@ -434,7 +502,15 @@ impl Config {
             self.classifier.model = base.join(&self.classifier.model);
         }
         self.mine.resolve_paths(base);
+        self.archive.tls.resolve_paths(base);
+        self.archive.move_tls.resolve_paths(base);
+        for d in &mut self.destinations {
+            d.tls.resolve_paths(base);
+        }
         for file in [
+            &mut self.dicom.tls.cert,
+            &mut self.dicom.tls.key,
+            &mut self.dicom.tls.client_ca,
             &mut self.http.tls_cert,
             &mut self.http.tls_key,
             &mut self.http.tokens_file,
@@ -470,6 +546,7 @@ impl Config {
                 )));
             }
         }
+        self.dicom.tls.validate().map_err(ConfigError::Invalid)?;
         if self.dicom.max_associations == 0 {
             return Err(ConfigError::Invalid(
                 "dicom.max_associations must be at least 1".into(),
@@ -590,11 +667,12 @@ mod tests {
             vec![
                 AllowedPeer {
                     ae_title: "PACS".into(),
-                    host: Some("10.0.0.5".parse().unwrap())
+                    host: Some("10.0.0.5".parse().unwrap()),
+                    ..Default::default()
                 },
                 AllowedPeer {
                     ae_title: "STORESCU".into(),
-                    host: None
+                    ..Default::default()
                 }
             ]
         );

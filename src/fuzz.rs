@@ -739,7 +739,7 @@ fn association_target(input: &[u8]) {
             let dicom = crate::config::DicomConfig::default();
             let peers = std::sync::Arc::new(vec![crate::config::AllowedPeer {
                 ae_title: "TESTSCU".into(),
-                host: None,
+                ..Default::default()
             }]);
             let access = crate::dimse::access::PeerAccess::new(false, peers, peer.ip());
             let options = crate::dimse::association::server_options(&dicom, access);

@@ -19,6 +19,7 @@ pub mod fuzz;
 pub mod index;
 pub mod metrics;
 pub mod mine;
+pub mod net;
 pub mod node;
 pub mod phi;
 pub mod private_block;

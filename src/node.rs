@@ -15,10 +15,11 @@ use crate::anatomy::worker::{self, Classifier};
 use crate::audit::{AuditEvent, AuditLog, EventType, Outcome};
 use crate::config::Config;
 use crate::dimse::find::FindScp;
-use crate::dimse::listener::Listener;
+use crate::dimse::listener::{Limits, Listener};
 use crate::dimse::ServiceContext;
 use crate::index::{Index, IndexWriter};
 use crate::metrics::Metrics;
+use crate::net::ServerTls;
 use crate::store::Store;
 use crate::{series, web};
 
@@ -46,6 +47,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    let dicom_tls = dicom_security(&config)?;
     let metrics = Arc::new(Metrics::new());
     let index = open_index(&config).await?;
     let (audit, audit_writer) =
@@ -94,12 +96,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 classifier_status
             )),
     );
-    let dicom_addr = SocketAddr::new(config.dicom.bind, config.dicom.port);
     let web_store = ctx.store.clone();
-    let listener = Listener::bind(dicom_addr, ctx)
-        .await
-        .with_context(|| format!("listening on dicom port {dicom_addr}"))?;
-    info!(addr = %dicom_addr, ae_title = %config.dicom.ae_title, storage = %config.storage.path.display(), "DICOM listener ready");
+    let listeners = bind_dicom(&config, ctx, dicom_tls.clone()).await?;
 
     let http = match http_security {
         Some(security) => Some(
@@ -126,13 +124,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     ));
     let classifying =
         classifier.map(|c| tokio::spawn(worker::run(c, wake.clone(), shutdown.clone())));
-    let accepting = tokio::spawn(listener.run(shutdown.clone(), tasks.clone()));
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|l| tokio::spawn(l.run(shutdown.clone(), tasks.clone())))
+        .collect();
 
-    wait_for_signal().await?;
+    wait_for_signal(dicom_tls.as_deref(), &audit).await?;
     info!("shutdown requested: no new associations; finishing in-flight C-STOREs");
     shutdown.cancel();
     tasks.close();
-    let _ = accepting.await;
+    for listener in accepting {
+        let _ = listener.await;
+    }
     let grace = Duration::from_secs(config.dicom.shutdown_grace_secs);
     if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
         warn!(
@@ -302,15 +305,88 @@ fn node_id() -> String {
     format!("{}:{}", host.trim(), std::process::id())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// The DICOM TLS server of `[dicom.tls]`, and a check that every destination's and the
+/// archive's TLS files load, so a bad certificate stops the node before it opens a port.
+fn dicom_security(config: &Config) -> anyhow::Result<Option<Arc<ServerTls>>> {
+    for (i, d) in config.destinations.iter().enumerate() {
+        crate::net::ClientTls::build(&d.tls, &d.host)
+            .with_context(|| format!("destinations[{i}].tls"))?;
+    }
+    match config.dicom.tls.server_files() {
+        Some(files) => Ok(Some(Arc::new(ServerTls::load(files).context("dicom.tls")?))),
+        None => Ok(None),
+    }
+}
+
+/// The DICOM listeners: the plain port (unless `dicom.tls.plain_port = false`) and the TLS
+/// port of `[dicom.tls]` with `tls`, sharing one association limit.
+async fn bind_dicom(
+    config: &Config,
+    ctx: Arc<ServiceContext>,
+    tls: Option<Arc<ServerTls>>,
+) -> anyhow::Result<Vec<Listener>> {
+    let dicom = &config.dicom;
+    let limits = Limits::new(dicom.max_associations);
+    let mut listeners = Vec::new();
+    if let (Some(port), Some(tls)) = (dicom.tls.port, tls) {
+        let addr = SocketAddr::new(dicom.bind, port);
+        let client_ca = tls.files().client_ca.clone();
+        let listener = Listener::bind(addr, ctx.clone(), Some(tls), limits.clone())
+            .await
+            .with_context(|| format!("listening on dicom.tls.port {addr}"))?;
+        info!(%addr, ae_title = %dicom.ae_title, ?client_ca, require_client_cert = dicom.tls.require_client_cert, "DICOM TLS listener ready");
+        listeners.push(listener);
+    }
+    if dicom.tls.plain_port {
+        let addr = SocketAddr::new(dicom.bind, dicom.port);
+        let listener = Listener::bind(addr, ctx, None, limits)
+            .await
+            .with_context(|| format!("listening on dicom port {addr}"))?;
+        info!(%addr, ae_title = %dicom.ae_title, storage = %config.storage.path.display(), "DICOM listener ready");
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Wait for SIGTERM or SIGINT. SIGHUP meanwhile reloads the DICOM TLS certificate, key and
+/// client CA: new handshakes use them, open associations go on with their session.
+async fn wait_for_signal(tls: Option<&ServerTls>, audit: &AuditLog) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => reload_tls(tls, audit),
+        }
     }
-    Ok(())
+}
+
+fn reload_tls(tls: Option<&ServerTls>, audit: &AuditLog) {
+    let Some(tls) = tls else {
+        info!("SIGHUP: no dicom.tls to reload");
+        return;
+    };
+    let (outcome, detail) = match tls.reload() {
+        Ok(()) => {
+            info!(cert = %tls.files().cert.display(), "SIGHUP: DICOM TLS certificate reloaded");
+            (
+                Outcome::Success,
+                "DICOM TLS certificate, key and client CA reloaded".to_string(),
+            )
+        }
+        Err(e) => {
+            error!(error = %e, "SIGHUP: DICOM TLS reload failed; the previous certificate stays in use");
+            (Outcome::Failure, format!("DICOM TLS reload failed: {e}"))
+        }
+    };
+    audit.record(
+        AuditEvent::new(EventType::ConfigReload, outcome, "node")
+            .object(format!("dicom.tls.cert {}", tls.files().cert.display()))
+            .detail(detail),
+    );
 }
 
 /// Hide the password of a database URL in messages.

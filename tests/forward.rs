@@ -705,6 +705,11 @@ fn forwarding_configuration_errors_name_the_key() {
             "[[destinations]]\nname = \"A\"\nae_title = \"A\"\nhost = \"h\"\nport = 104\nretries = 3\n",
             "unknown field `retries`",
         ),
+        (
+            "[[destinations]]\nname = \"A\"\nae_title = \"A\"\nhost = \"h\"\nport = 2762\n\
+             [destinations.tls]\nenabled = true\n",
+            "destinations[0].tls.ca_file is required",
+        ),
     ];
     for (toml, expected) in cases {
         let config = dir.path().join("bad.toml");
@@ -813,5 +818,45 @@ fn a_large_instance_is_streamed_from_disk_to_the_destination() {
     for (uid, path) in received {
         assert_eq!(pixels(&path), pixels(originals[&uid]), "{uid}");
         assert!(dcmdump(&path).contains("(0018,0015) CS [CHEST]"));
+    }
+}
+
+#[test]
+fn a_tls_destination_gets_every_instance_over_mutual_tls() {
+    let work = tempfile::tempdir().unwrap();
+    let model = lung_model(work.path());
+    let ca = common::pki::Ca::new(work.path(), "ca");
+    let cad = ca.server("cad");
+    let node_cert = ca.client("anatomy");
+    let path = |p: &Path| p.display().to_string();
+    // storescp requires and verifies our client certificate (-rc is its default).
+    let scp = Scp::start(
+        "TLS_CAD",
+        free_port(),
+        &[
+            "+tls",
+            &path(&cad.key),
+            &path(&cad.cert),
+            "+cf",
+            &path(&ca.cert),
+        ],
+    );
+    let node = Node::start_with(options(
+        &model,
+        &format!(
+            "{}[destinations.tls]\nenabled = true\nca_file = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             server_name = \"localhost\"\n\n[[routes]]\nclasses = [\"lungs\"]\ndestinations = [\"TLS_CAD\"]\n",
+            destination("TLS_CAD", "TLS_CAD", scp.port),
+            path(&ca.cert),
+            path(&node_cert.cert),
+            path(&node_cert.key),
+        ),
+    ));
+    let (_, files) = data::synthetic_series(&work.path().join("s"), 63, 6, 64);
+    assert!(node.storescu(&[], &files).status.success());
+    wait_for_jobs(&node, "TLS_CAD", "done", files.len() as i64, 60);
+    let counts = scp.counts();
+    for uid in sop_uids(&files) {
+        assert_eq!(counts.get(&uid), Some(&1), "{uid} arrived once over TLS");
     }
 }

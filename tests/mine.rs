@@ -215,6 +215,11 @@ impl Setup {
     /// An archive that answers a C-FIND with at most `limit` studies (Orthanc's
     /// `LimitFindResults`; 0: no limit).
     fn capped(limit: u32) -> Setup {
+        Setup::with(limit, None)
+    }
+
+    /// `dicom_tls`: Orthanc's DICOM port speaks TLS only (certificate, key, client CA).
+    fn with(limit: u32, dicom_tls: Option<(PathBuf, PathBuf, PathBuf)>) -> Setup {
         let move_port = free_port();
         let orthanc = Orthanc::start(OrthancOptions {
             ae_title: ARCHIVE_AE.into(),
@@ -224,6 +229,7 @@ impl Setup {
             modalities: vec![("miner".into(), MINER_AE.into(), move_port)],
             allow_any_query: false,
             limit_find_results: limit,
+            dicom_tls,
         });
         Setup {
             orthanc,
@@ -1499,4 +1505,61 @@ fn a_range_still_capped_in_one_second_is_reported_and_the_exit_code_is_3() {
     );
     let text = common::text(&run);
     assert!(text.contains("studies there may be missing"), "{text}");
+}
+
+#[test]
+fn mining_by_c_get_and_c_move_from_an_archive_with_dicom_tls() {
+    let pki = tempfile::tempdir().unwrap();
+    let ca = common::pki::Ca::new(pki.path(), "ca");
+    let archive = ca.server("archive");
+    let miner = ca.client("miner");
+    // The C-MOVE destination's certificate; Orthanc checks it against the same CA.
+    let mover = ca.server("mover");
+    for retrieve in ["get", "move"] {
+        let s = Setup::with(
+            0,
+            Some((archive.cert.clone(), archive.key.clone(), ca.cert.clone())),
+        );
+        let work = s.work();
+        let c = synthetic(work, 11);
+        s.orthanc.upload_all(&c.files);
+        let document = kos(
+            work,
+            &[c.instance(0)],
+            Note {
+                code: Some(LUNG),
+                ..Note::default()
+            },
+        );
+        s.orthanc.upload_all(&[document]);
+        // [archive.tls] after [mine]: TOML lets sub-tables of [archive] come later.
+        let tls = format!(
+            "\n[archive.tls]\nenabled = true\nca_file = \"{ca}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             server_name = \"localhost\"\n\n[archive.move_tls]\nenabled = true\ncert = \"{}\"\n\
+             key = \"{}\"\nclient_ca = \"{ca}\"\nrequire_client_cert = true\n",
+            miner.cert.display(),
+            miner.key.display(),
+            mover.cert.display(),
+            mover.key.display(),
+            ca = ca.cert.display(),
+        );
+        let config = s.config(retrieve, &tls);
+        let out = work.join("out-tls");
+        let output = mine(&config, &out, &[]);
+        assert_exit(&output, 0);
+        let (_, rows) = manifest(&out);
+        assert!(
+            labels(&rows).contains(&expect(&c.sops[0], "lungs", "mined:kos")),
+            "{retrieve}: the labelled image mined over TLS: {rows:?}\n{}",
+            s.orthanc.log()
+        );
+
+        // Without TLS the archive's TLS-only port gives nothing.
+        let plain = s.config(retrieve, "");
+        let output = mine(&plain, &work.join("out-plain"), &[]);
+        assert!(
+            !output.status.success(),
+            "{retrieve}: plain DICOM to a TLS-only archive fails"
+        );
+    }
 }

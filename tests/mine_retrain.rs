@@ -191,6 +191,7 @@ fn archive(data: &Path) -> Orthanc {
         modalities: vec![("miner".into(), MINER_AE.into(), common::free_port())],
         allow_any_query: false,
         limit_find_results: 0,
+        dicom_tls: None,
     });
     for case in CASES {
         orthanc.upload_all(&case_files(data, case));

@@ -14,6 +14,7 @@ use anatomy_node::index::{Index, KeyImageRow, LabelRecord, LabelStatus};
 use anatomy_node::synth::{self, SeriesSpec};
 use common::data;
 use common::node::{Node, NodeOptions, AE};
+use common::pki::openssl;
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use serde_json::Value;
@@ -1763,19 +1764,6 @@ fn tokens_and_roles_guard_every_route_and_the_page_signs_in() {
 
 // JWTs and HTTPS: keys, certificates and tokens are made here, at run time, with openssl.
 
-fn openssl(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("run openssl (apt package openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        common::text(&out)
-    );
-    out.stdout
-}
-
 fn b64url(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
@@ -1968,63 +1956,9 @@ fn jwts_are_checked_against_the_jwks() {
 
 /// A test CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert, key).
 fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let p = |name: &str| dir.join(name);
-    let s = |name: &str| path_arg(&dir.join(name));
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        &s("ca.key"),
-        "-out",
-        &s("ca.pem"),
-        "-days",
-        "2",
-        "-subj",
-        "/CN=anatomy-node test CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        &s("server.key"),
-        "-out",
-        &s("server.csr"),
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(
-        p("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-         keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("extensions");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &s("server.csr"),
-        "-CA",
-        &s("ca.pem"),
-        "-CAkey",
-        &s("ca.key"),
-        "-CAcreateserial",
-        "-out",
-        &s("server.pem"),
-        "-days",
-        "2",
-        "-extfile",
-        &s("server.ext"),
-    ]);
-    (p("ca.pem"), p("server.pem"), p("server.key"))
+    let ca = common::pki::Ca::new(dir, "anatomy-node-test-ca");
+    let server = ca.server("server");
+    (ca.cert, server.cert, server.key)
 }
 
 fn curl(args: &[&str]) -> std::process::Output {

@@ -23,7 +23,7 @@ pub struct AuditArgs {
     /// Events at or before this time (same forms as --since).
     #[arg(long, value_parser = parse_time)]
     pub until: Option<i64>,
-    /// Only this event type: node_start, node_stop, association_accepted,
+    /// Only this event type: node_start, node_stop, config_reload, association_accepted,
     /// association_refused, instances_received, c_find, forward, http_request, auth_failure.
     #[arg(long = "type", value_parser = parse_type)]
     pub event_type: Option<EventType>,

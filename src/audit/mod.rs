@@ -54,10 +54,12 @@ pub enum EventType {
     Forward,
     HttpRequest,
     AuthFailure,
+    /// Certificates or other settings reloaded while running (SIGHUP).
+    ConfigReload,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 10] = [
         EventType::NodeStart,
         EventType::NodeStop,
         EventType::AssociationAccepted,
@@ -67,6 +69,7 @@ impl EventType {
         EventType::Forward,
         EventType::HttpRequest,
         EventType::AuthFailure,
+        EventType::ConfigReload,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +83,7 @@ impl EventType {
             EventType::Forward => "forward",
             EventType::HttpRequest => "http_request",
             EventType::AuthFailure => "auth_failure",
+            EventType::ConfigReload => "config_reload",
         }
     }
 
@@ -164,6 +168,12 @@ impl AuditEvent {
 
     pub fn peer(mut self, peer: impl fmt::Display) -> Self {
         self.peer = Some(clip(peer.to_string()));
+        self
+    }
+
+    /// The subject of the peer's TLS client certificate, when it showed one.
+    pub fn certificate(mut self, cert: Option<&crate::net::CertificateIdentity>) -> Self {
+        self.cert_subject = cert.map(|c| clip(c.subject.clone()));
         self
     }
 
@@ -287,7 +297,9 @@ impl AuditLog {
         peer: std::net::SocketAddr,
         calling_ae: &str,
         contexts: usize,
+        client_cert: Option<&crate::net::CertificateIdentity>,
     ) -> AssociationAudit {
+        let cert = client_cert.map_or_else(String::new, |c| format!("; client certificate {c}"));
         self.record(
             AuditEvent::new(
                 EventType::AssociationAccepted,
@@ -295,12 +307,14 @@ impl AuditLog {
                 calling_ae.trim(),
             )
             .peer(peer)
-            .detail(format!("{contexts} presentation contexts accepted")),
+            .certificate(client_cert)
+            .detail(format!("{contexts} presentation contexts accepted{cert}")),
         );
         AssociationAudit {
             log: self.clone(),
             peer,
             calling_ae: calling_ae.trim().to_string(),
+            cert: client_cert.cloned(),
             received: Arc::new(ReceivedTally::default()),
         }
     }
@@ -316,6 +330,8 @@ pub struct AssociationAudit {
     log: AuditLog,
     peer: std::net::SocketAddr,
     calling_ae: String,
+    /// The TLS client certificate of the association, for every event it records.
+    cert: Option<crate::net::CertificateIdentity>,
     received: Arc<ReceivedTally>,
 }
 
@@ -335,6 +351,7 @@ impl AssociationAudit {
         self.log.record(
             AuditEvent::new(EventType::CFind, outcome, &self.calling_ae)
                 .peer(self.peer)
+                .certificate(self.cert.as_ref())
                 .object(if level.is_empty() { "?" } else { level })
                 .detail(format!("{matches} matches, status {status:04X}")),
         );
@@ -361,6 +378,7 @@ impl AssociationAudit {
         self.log.record(
             AuditEvent::new(EventType::InstancesReceived, outcome, &self.calling_ae)
                 .peer(self.peer)
+                .certificate(self.cert.as_ref())
                 .uids(&summary.studies, &summary.series)
                 .detail(format!(
                     "{} stored, {} failed",

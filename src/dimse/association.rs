@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dicom_ul::association::server::{DefaultNegotiation, ServerAssociationOptions};
-use dicom_ul::association::{Association, AsyncServerAssociation};
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use dicom_ul::Pdu;
 use tokio::net::TcpStream;
@@ -25,6 +24,8 @@ use super::find::{self, FindChannel, IdentifierBuffer, Interruption};
 use super::sop_classes;
 use super::status::Status;
 use super::ServiceContext;
+use crate::audit::{AuditEvent, EventType, Outcome};
+use crate::net::{Incoming, PeerIdentity, ServerAssociation};
 use crate::store::{IncomingHeader, StoreError, StoreOutcome};
 
 /// Command sets are a few hundred bytes; anything this large is not a command.
@@ -45,69 +46,30 @@ struct AcceptedContext {
     transfer_syntax: String,
 }
 
-/// Accept (or reject) an association on `socket` and serve it to the end.
-pub async fn serve(
-    socket: TcpStream,
-    peer: SocketAddr,
-    ctx: Arc<ServiceContext>,
-    shutdown: CancellationToken,
-) {
+/// Accept (or reject) an association on `incoming` and serve it to the end.
+pub async fn serve(incoming: Incoming, ctx: Arc<ServiceContext>, shutdown: CancellationToken) {
     let id = ASSOCIATION_IDS.fetch_add(1, Ordering::Relaxed);
-    let span = info_span!("association", id, peer = %peer, calling_ae = tracing::field::Empty);
+    let peer = incoming.peer;
+    let span = info_span!("association", id, peer = %peer, tls = incoming.is_tls(), calling_ae = tracing::field::Empty);
     async move {
-        let dicom = &ctx.config.dicom;
-        let access = PeerAccess::new(dicom.allow_any_peer, ctx.allowed_peers.clone(), peer.ip())
-            .with_audit(ctx.audit.clone(), peer);
-        let options = server_options(dicom, access);
-        let artim = Duration::from_secs(dicom.artim_timeout_secs);
-        let deadline = tokio::time::Instant::now() + artim;
-        if let Some(len) = oversized_request(&socket, dicom.max_pdu_length, deadline).await {
-            // dicom-ul would refuse it too, but only by dropping the connection.
-            ctx.metrics.association("failed");
-            warn!(
-                pdu_length = len,
-                "the first PDU announces more than dicom.max_pdu_length; aborting"
-            );
-            let mut socket = socket;
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::io::AsyncWriteExt::write_all(&mut socket, &INVALID_PDU_ABORT),
-            )
-            .await;
+        let Some(association) = establish(incoming, &ctx).await else {
             return;
-        }
-        let association =
-            match tokio::time::timeout_at(deadline, options.establish_async(socket)).await {
-                Err(_) => {
-                    ctx.metrics.association("artim_timeout");
-                    warn!("no A-ASSOCIATE-RQ within dicom.artim_timeout_secs; closing");
-                    return;
-                }
-                Ok(Err(e)) => {
-                    let outcome = rejection_outcome(&e);
-                    ctx.metrics.association(&outcome);
-                    if outcome == "closed_before_request" {
-                        // Port probes and health checks connect and leave: not worth a warning.
-                        debug!("connection closed before an A-ASSOCIATE-RQ");
-                    } else {
-                        warn!(error = %e, outcome, "association not established");
-                    }
-                    return;
-                }
-                Ok(Ok(a)) => a,
-            };
+        };
         Span::current().record("calling_ae", association.peer_ae_title());
         ctx.metrics.association("accepted");
         ctx.metrics.associations_active.inc();
         let contexts = accepted_contexts(&association);
-        info!(contexts = contexts.len(), "association accepted");
-        let audit = ctx
-            .audit
-            .association(peer, association.peer_ae_title(), contexts.len());
+        info!(contexts = contexts.len(), client_cert = %association_cert(&association), "association accepted");
+        let audit = ctx.audit.association(
+            peer,
+            association.peer_ae_title(),
+            contexts.len(),
+            association.peer.certificate.as_ref(),
+        );
         let mut handler = Handler {
             audit: audit.clone(),
             ctx: ctx.clone(),
-            association,
+            association: association.association,
             contexts,
             command_buf: Vec::new(),
             transfer: None,
@@ -122,6 +84,96 @@ pub async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// An association with who is at the other end.
+struct Established {
+    association: ServerAssociation,
+    peer: PeerIdentity,
+}
+
+impl Established {
+    fn peer_ae_title(&self) -> &str {
+        self.association.peer_ae_title()
+    }
+}
+
+fn association_cert(association: &Established) -> String {
+    match &association.peer.certificate {
+        Some(c) => c.to_string(),
+        None => "none".into(),
+    }
+}
+
+/// Negotiate within ARTIM (after the TLS handshake, on the TLS port); `None` when the
+/// association was refused or failed (logged, counted, and audited when it is a refusal).
+async fn establish(incoming: Incoming, ctx: &ServiceContext) -> Option<Established> {
+    let dicom = &ctx.config.dicom;
+    let peer = incoming.peer;
+    let access = PeerAccess::new(dicom.allow_any_peer, ctx.allowed_peers.clone(), peer.ip())
+        .with_audit(ctx.audit.clone(), peer)
+        .with_client_cert(incoming.client_cert.clone());
+    let options = server_options(dicom, access);
+    let artim = Duration::from_secs(dicom.artim_timeout_secs);
+    let deadline = tokio::time::Instant::now() + artim;
+    // On TLS the first bytes are a handshake record, not a PDU header; dicom-ul's strict
+    // mode checks the A-ASSOCIATE-RQ's length after the handshake.
+    if !incoming.is_tls() {
+        if let Some(len) = oversized_request(&incoming.socket, dicom.max_pdu_length, deadline).await
+        {
+            // dicom-ul would refuse it too, but only by dropping the connection.
+            ctx.metrics.association("failed");
+            warn!(
+                pdu_length = len,
+                "the first PDU announces more than dicom.max_pdu_length; aborting"
+            );
+            let mut socket = incoming.socket;
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::io::AsyncWriteExt::write_all(&mut socket, &INVALID_PDU_ABORT),
+            )
+            .await;
+            return None;
+        }
+    }
+    let slot = incoming.client_cert.clone();
+    match tokio::time::timeout_at(deadline, incoming.accept(options)).await {
+        Err(_) => {
+            ctx.metrics.association("artim_timeout");
+            warn!("no A-ASSOCIATE-RQ within dicom.artim_timeout_secs; closing");
+            None
+        }
+        Ok(Err(e)) => {
+            let outcome = rejection_outcome(&e);
+            ctx.metrics.association(&outcome);
+            if outcome == "closed_before_request" {
+                // Port probes and health checks connect and leave: not worth a warning.
+                debug!("connection closed before an A-ASSOCIATE-RQ");
+            } else if outcome == "tls_handshake_failed" {
+                tls_refused(ctx, peer, &e);
+            } else {
+                warn!(error = %e, outcome, "association not established");
+            }
+            None
+        }
+        Ok(Ok(association)) => Some(Established {
+            association,
+            peer: PeerIdentity::with_certificate(peer, slot.get()),
+        }),
+    }
+}
+
+/// A TLS handshake that failed (no or an untrusted client certificate, an old protocol,
+/// plain DICOM on the TLS port): logged and audited as a refused association.
+fn tls_refused(ctx: &ServiceContext, peer: SocketAddr, e: &dicom_ul::association::Error) {
+    let why = crate::error_text::error_chain(e);
+    warn!(error = %why, "TLS handshake failed; association refused");
+    ctx.audit.record(
+        AuditEvent::new(EventType::AssociationRefused, Outcome::Refused, "")
+            .peer(peer)
+            .object("TLS handshake".to_string())
+            .detail(format!("TLS handshake failed: {why}")),
+    );
 }
 
 /// A-ABORT from the service provider, reason "invalid PDU parameter value" (PS3.8 9.3.8).
@@ -195,6 +247,14 @@ fn rejection_outcome(e: &dicom_ul::association::Error) -> String {
                 _ => "rejected_other".into(),
             }
         }
+        // A probe that connects to the TLS port and leaves without a ClientHello is a port
+        // check, as on the plain port, not a refused peer.
+        dicom_ul::association::Error::TlsHandshake { source, .. }
+            if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            "closed_before_request".into()
+        }
+        dicom_ul::association::Error::TlsHandshake { .. } => "tls_handshake_failed".into(),
         e if is_closed_before_request(e) => "closed_before_request".into(),
         _ => "failed".into(),
     }
@@ -214,10 +274,9 @@ fn is_closed_before_request(e: &dicom_ul::association::Error) -> bool {
     false
 }
 
-fn accepted_contexts(
-    association: &AsyncServerAssociation<TcpStream>,
-) -> HashMap<u8, AcceptedContext> {
+fn accepted_contexts(association: &Established) -> HashMap<u8, AcceptedContext> {
     association
+        .association
         .presentation_contexts()
         .iter()
         .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
@@ -233,7 +292,7 @@ fn accepted_contexts(
         .collect()
 }
 
-async fn finish(association: AsyncServerAssociation<TcpStream>, ending: Ending) {
+async fn finish(association: ServerAssociation, ending: Ending) {
     match ending {
         Ending::Released => {
             // Give the peer a moment to close first (it owns the release), then drop.
@@ -274,7 +333,7 @@ fn receive_error(e: dicom_ul::association::Error) -> Ending {
 struct Handler {
     ctx: Arc<ServiceContext>,
     audit: crate::audit::AssociationAudit,
-    association: AsyncServerAssociation<TcpStream>,
+    association: ServerAssociation,
     contexts: HashMap<u8, AcceptedContext>,
     command_buf: Vec<u8>,
     /// The data set of the current request, while its fragments arrive.

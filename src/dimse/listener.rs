@@ -1,7 +1,7 @@
-//! The DICOM listener: accepts TCP connections, enforces `dicom.max_associations`
-//! (beyond it: A-ASSOCIATE-RJ, transient, local limit exceeded), and hands each socket to
-//! an association task. On shutdown it stops accepting; the tasks finish their in-flight
-//! message and abort.
+//! The DICOM listener: accepts TCP connections on the plain port and the TLS port
+//! (`[dicom.tls]`), enforces `dicom.max_associations` over both (beyond it: A-ASSOCIATE-RJ,
+//! transient, local limit exceeded), and hands each connection to an association task. On
+//! shutdown it stops accepting; the tasks finish their in-flight message and abort.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,41 +12,77 @@ use dicom_ul::pdu::{
     AssociationRJSource,
 };
 use dicom_ul::Pdu;
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::{association, ServiceContext};
+use crate::net::{Incoming, ServerTls, Transport};
 
 /// At most this many over-limit connections are answered at once; more are just closed.
 const MAX_PENDING_REJECTIONS: usize = 64;
 /// Longest A-ASSOCIATE-RQ read from a connection that is rejected for the limit.
 const MAX_REJECTED_REQUEST: u32 = 64 * 1024;
 
-pub struct Listener {
-    listener: TcpListener,
-    ctx: Arc<ServiceContext>,
+/// The association limit, shared by the plain and the TLS port.
+#[derive(Clone)]
+pub struct Limits {
     limit: Arc<Semaphore>,
     rejections: Arc<Semaphore>,
 }
 
+impl Limits {
+    pub fn new(max_associations: usize) -> Limits {
+        Limits {
+            limit: Arc::new(Semaphore::new(max_associations)),
+            rejections: Arc::new(Semaphore::new(MAX_PENDING_REJECTIONS)),
+        }
+    }
+}
+
+pub struct Listener {
+    listener: TcpListener,
+    ctx: Arc<ServiceContext>,
+    /// TLS on this port: the server whose certificate each handshake takes.
+    tls: Option<Arc<ServerTls>>,
+    limits: Limits,
+}
+
 impl Listener {
-    pub async fn bind(addr: SocketAddr, ctx: Arc<ServiceContext>) -> std::io::Result<Listener> {
+    pub async fn bind(
+        addr: SocketAddr,
+        ctx: Arc<ServiceContext>,
+        tls: Option<Arc<ServerTls>>,
+        limits: Limits,
+    ) -> std::io::Result<Listener> {
         let listener = TcpListener::bind(addr).await?;
-        let limit = Arc::new(Semaphore::new(ctx.config.dicom.max_associations));
         Ok(Listener {
             listener,
             ctx,
-            limit,
-            rejections: Arc::new(Semaphore::new(MAX_PENDING_REJECTIONS)),
+            tls,
+            limits,
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    fn incoming(&self, socket: tokio::net::TcpStream, peer: SocketAddr) -> Option<Incoming> {
+        let transport = match &self.tls {
+            Some(tls) => Transport::Tls(tls),
+            None => Transport::Plain,
+        };
+        match Incoming::new(socket, peer, transport) {
+            Ok(incoming) => Some(incoming),
+            Err(e) => {
+                // Only a configuration rustls cannot build gets here (loaded files were checked).
+                error!(error = %e, %peer, "no TLS configuration for the connection; closing");
+                None
+            }
+        }
     }
 
     /// Accept until `shutdown`; association tasks are registered on `tasks`.
@@ -73,26 +109,29 @@ impl Listener {
             if let Err(e) = socket.set_nodelay(true) {
                 warn!(error = %e, %peer, "cannot set TCP_NODELAY");
             }
-            match self.limit.clone().try_acquire_owned() {
+            let Some(incoming) = self.incoming(socket, peer) else {
+                continue;
+            };
+            match self.limits.limit.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let ctx = self.ctx.clone();
                     let shutdown = shutdown.clone();
                     tasks.spawn(async move {
-                        association::serve(socket, peer, ctx, shutdown).await;
+                        association::serve(incoming, ctx, shutdown).await;
                         drop(permit);
                     });
                 }
-                Err(_) => match self.rejections.clone().try_acquire_owned() {
+                Err(_) => match self.limits.rejections.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let ctx = self.ctx.clone();
                         tasks.spawn(async move {
-                            reject_over_limit(socket, peer, &ctx).await;
+                            reject_over_limit(incoming, &ctx).await;
                             drop(permit);
                         });
                     }
                     Err(_) => {
                         self.ctx.metrics.association("dropped_over_limit");
-                        drop(socket);
+                        drop(incoming);
                     }
                 },
             }
@@ -101,25 +140,26 @@ impl Listener {
     }
 }
 
-/// Read the request (within ARTIM) and answer A-ASSOCIATE-RJ: transient, service
-/// provider (presentation), local limit exceeded, so the peer retries later.
-async fn reject_over_limit(mut socket: TcpStream, peer: SocketAddr, ctx: &ServiceContext) {
+/// Read the request (within ARTIM, after the TLS handshake on the TLS port) and answer
+/// A-ASSOCIATE-RJ: transient, service provider (presentation), local limit exceeded, so
+/// the peer retries later.
+async fn reject_over_limit(incoming: Incoming, ctx: &ServiceContext) {
+    let peer = incoming.peer;
     ctx.metrics.association("rejected_busy");
     warn!(%peer, limit = ctx.config.dicom.max_associations, "association limit reached; rejecting (transient)");
     let artim = Duration::from_secs(ctx.config.dicom.artim_timeout_secs);
-    let mut buf = bytes::BytesMut::with_capacity(16 * 1024);
-    // Strict: a request announcing more than 64 KiB is refused from its header instead of
-    // being buffered while it arrives (issue #18).
-    let read = dicom_ul::association::read_pdu_from_wire_async(
-        &mut socket,
-        &mut buf,
-        MAX_REJECTED_REQUEST,
-        true,
-    );
-    match tokio::time::timeout(artim, read).await {
-        Ok(Ok(Pdu::AssociationRQ(_))) => {}
-        _ => return,
-    }
+    // A request announcing more than 64 KiB is refused from its header instead of being
+    // buffered while it arrives (issue #18).
+    let read = async {
+        let mut stream = incoming.into_stream().await.ok()?;
+        match stream.read_pdu(MAX_REJECTED_REQUEST).await {
+            Ok(Pdu::AssociationRQ(_)) => Some(stream),
+            _ => None,
+        }
+    };
+    let Ok(Some(mut stream)) = tokio::time::timeout(artim, read).await else {
+        return;
+    };
     let rj = Pdu::AssociationRJ(AssociationRJ {
         result: AssociationRJResult::Transient,
         source: AssociationRJSource::ServiceProviderPresentation(
@@ -128,7 +168,6 @@ async fn reject_over_limit(mut socket: TcpStream, peer: SocketAddr, ctx: &Servic
     });
     let mut out = Vec::with_capacity(16);
     if dicom_ul::write_pdu(&mut out, &rj).is_ok() {
-        let _ = tokio::time::timeout(artim, socket.write_all(&out)).await;
-        let _ = socket.shutdown().await;
+        let _ = tokio::time::timeout(artim, stream.write_all_and_close(&out)).await;
     }
 }

@@ -27,6 +27,9 @@ pub struct DestinationConfig {
     /// Our AE title on these associations; default `dicom.ae_title`.
     #[serde(default)]
     pub calling_ae_title: Option<String>,
+    /// `[destinations.tls]`: DICOM TLS to this destination.
+    #[serde(default)]
+    pub tls: crate::net::ClientTlsConfig,
 }
 
 /// Which labelled series go where.
@@ -96,6 +99,7 @@ pub fn validate(destinations: &[DestinationConfig], routes: &[RouteConfig]) -> R
         if d.port == 0 {
             return Err(format!("{key}.port must be between 1 and 65535"));
         }
+        d.tls.check(&key)?;
     }
     let known = || {
         if names.is_empty() {
@@ -250,6 +254,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port: 11113,
             calling_ae_title: None,
+            tls: Default::default(),
         }
     }
 

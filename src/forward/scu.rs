@@ -12,14 +12,13 @@ use std::time::Duration;
 
 use dicom_core::Tag;
 use dicom_ul::association::client::ClientAssociationOptions;
-use dicom_ul::association::AsyncClientAssociation;
 use dicom_ul::pdu::{AssociationRJResult, PresentationContextResultReason};
 use dicom_ul::Pdu;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::dimse::status::Status;
 use crate::error_text::error_chain;
+use crate::net::{ClientAssociation, ClientTls, ClientTlsConfig};
 use crate::store::layout::trim_uid;
 
 pub const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
@@ -150,6 +149,8 @@ pub enum ScuError {
     Aborted,
     #[error("malformed C-STORE-RSP: {0}")]
     BadResponse(String),
+    #[error("TLS settings of the destination: {0}")]
+    Tls(String),
     #[error("reading the stored file {path}: {source}")]
     File {
         path: PathBuf,
@@ -178,6 +179,16 @@ pub struct Peer {
     pub host: String,
     pub port: u16,
     pub calling_ae_title: String,
+    /// How to reach it over TLS (`tls.enabled`), read again for each association so
+    /// renewed certificates are picked up without a restart.
+    pub tls: std::sync::Arc<ClientTlsConfig>,
+}
+
+impl Peer {
+    /// The TLS client for this peer, `None` for plain TCP.
+    pub fn client_tls(&self) -> Result<Option<ClientTls>, crate::net::TlsError> {
+        ClientTls::build(&self.tls, &self.host)
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -195,7 +206,7 @@ pub struct Accepted {
 }
 
 /// The presentation contexts the peer accepted, with their UIDs unpadded.
-pub(crate) fn accepted_contexts(assoc: &AsyncClientAssociation<TcpStream>) -> Vec<Accepted> {
+pub(crate) fn accepted_contexts(assoc: &ClientAssociation) -> Vec<Accepted> {
     assoc
         .presentation_contexts()
         .iter()
@@ -210,7 +221,7 @@ pub(crate) fn accepted_contexts(assoc: &AsyncClientAssociation<TcpStream>) -> Ve
 
 /// The largest PDV value per P-DATA-TF the peer takes (its max PDU less the PDV header),
 /// kept between 1 KiB and 4 MiB whatever it announced.
-pub(crate) fn max_pdv_data(assoc: &AsyncClientAssociation<TcpStream>) -> usize {
+pub(crate) fn max_pdv_data(assoc: &ClientAssociation) -> usize {
     (assoc.acceptor_max_pdu_length() as usize)
         .saturating_sub(6)
         .clamp(1024, 4 * 1024 * 1024)
@@ -269,7 +280,7 @@ pub fn proposals(items: &[(String, String)]) -> Vec<(String, Vec<String>)> {
 }
 
 pub struct Association {
-    assoc: AsyncClientAssociation<TcpStream>,
+    assoc: ClientAssociation,
     contexts: Vec<Accepted>,
     next_message_id: u16,
     /// Largest PDV value per PDU the destination takes.
@@ -300,12 +311,15 @@ impl Association {
             options = options.with_presentation_context(class.clone(), syntaxes.clone());
         }
         let addr = format!("{}:{}", peer.host, peer.port);
+        let tls = peer
+            .client_tls()
+            .map_err(|e| ScuError::Tls(e.to_string()))?;
         let established = tokio::time::timeout(
             timeouts.connect * 2,
-            options.establish_async((peer.host.as_str(), peer.port)),
+            ClientAssociation::connect(options, &peer.host, peer.port, tls.as_ref()),
         )
         .await;
-        let mut assoc = match established {
+        let assoc = match established {
             Err(_) => {
                 return Err(ScuError::ConnectTimeout {
                     addr,
@@ -315,10 +329,6 @@ impl Association {
             Ok(Err(e)) => return Err(negotiation_error(e, &addr, proposals, timeouts)),
             Ok(Ok(a)) => a,
         };
-        // Negotiation is one write and one read; from here on every message counts.
-        if let Err(e) = assoc.inner_stream().set_nodelay(true) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY on the association");
-        }
         let contexts = accepted_contexts(&assoc);
         let max_data = max_pdv_data(&assoc);
         Ok(Association {
@@ -427,8 +437,7 @@ impl Association {
         if self.out.is_empty() {
             return Ok(());
         }
-        let stream = self.assoc.inner_stream();
-        match tokio::time::timeout(self.dimse_timeout, stream.write_all(&self.out)).await {
+        match tokio::time::timeout(self.dimse_timeout, self.assoc.write_encoded(&self.out)).await {
             Err(_) => return Err(ScuError::Timeout(self.dimse_timeout.as_secs())),
             Ok(Err(e)) => return Err(ScuError::Lost(e.to_string())),
             Ok(Ok(())) => {}

@@ -115,6 +115,7 @@ pub fn start(
                         .calling_ae_title
                         .clone()
                         .unwrap_or_else(|| config.dicom.ae_title.clone()),
+                    tls: Arc::new(d.tls.clone()),
                 },
                 wake: Arc::new(Notify::new()),
             })

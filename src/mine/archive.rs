@@ -251,6 +251,7 @@ impl Archive {
                         host: archive.host.clone(),
                         port: archive.port,
                         calling_ae_title: archive.calling_ae_title.clone(),
+                        tls: std::sync::Arc::new(archive.tls.clone()),
                     },
                     timeouts,
                     max_pdu_length: archive.max_pdu_length,
@@ -271,12 +272,17 @@ impl Archive {
         };
         let scp = if archive.retrieve == Retrieve::Move {
             let bind = SocketAddr::new(archive.move_bind, archive.move_port);
+            let tls = archive
+                .move_tls
+                .load("archive.move_tls")
+                .map_err(ArchiveError::Other)?;
             let scp = StorageScp::start(
                 bind,
                 archive.calling_ae_title.clone(),
                 archive.max_pdu_length,
                 timeouts.dimse,
                 spool.clone(),
+                tls.map(std::sync::Arc::new),
             )
             .await
             .map_err(|e| {

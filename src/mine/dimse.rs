@@ -16,10 +16,8 @@ use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use dicom_ul::association::client::ClientAssociationOptions;
-use dicom_ul::association::AsyncClientAssociation;
 use dicom_ul::pdu::{PDataValue, PDataValueType};
 use dicom_ul::Pdu;
-use tokio::net::TcpStream;
 
 use super::spool::{Incoming, Spool};
 use crate::dimse::command::{self, Request};
@@ -29,6 +27,7 @@ use crate::forward::scu::{
     accepted_contexts, max_pdv_data, Accepted, EXPLICIT_VR_LE, IMPLICIT_VR_LE,
 };
 pub use crate::forward::scu::{Peer, Timeouts};
+use crate::net::ClientAssociation;
 
 pub const STUDY_ROOT_FIND: &str = uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_FIND;
 pub const STUDY_ROOT_MOVE: &str = uids::STUDY_ROOT_QUERY_RETRIEVE_INFORMATION_MODEL_MOVE;
@@ -112,7 +111,7 @@ pub struct SubOperations {
 }
 
 pub struct QrAssociation {
-    assoc: AsyncClientAssociation<TcpStream>,
+    assoc: ClientAssociation,
     contexts: Vec<Accepted>,
     next_message_id: u16,
     timeout: Duration,
@@ -169,12 +168,16 @@ impl QrAssociation {
             }
         }
         let addr = format!("{} {}:{}", peer.ae_title, peer.host, peer.port);
+        let tls = peer.client_tls().map_err(|e| QrError::Associate {
+            addr: addr.clone(),
+            reason: format!("archive.tls: {e}"),
+        })?;
         let established = tokio::time::timeout(
             timeouts.connect * 2,
-            options.establish_async((peer.host.as_str(), peer.port)),
+            ClientAssociation::connect(options, &peer.host, peer.port, tls.as_ref()),
         )
         .await;
-        let mut assoc = match established {
+        let assoc = match established {
             Err(_) => {
                 return Err(QrError::Associate {
                     addr,
@@ -189,9 +192,6 @@ impl QrAssociation {
             }
             Ok(Ok(a)) => a,
         };
-        if let Err(e) = assoc.inner_stream().set_nodelay(true) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY on the association");
-        }
         let contexts = accepted_contexts(&assoc);
         if !contexts.iter().any(|c| c.abstract_syntax == model) {
             let _ = assoc.abort().await;

@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use dicom_dictionary_std::uids;
 use dicom_ul::association::server::ServerAssociationOptions;
-use dicom_ul::association::AsyncServerAssociation;
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 use dicom_ul::Pdu;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -38,6 +37,7 @@ impl StorageScp {
         max_pdu_length: u32,
         idle: Duration,
         spool: Arc<Spool>,
+        tls: Option<Arc<crate::net::ServerTls>>,
     ) -> std::io::Result<StorageScp> {
         let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
@@ -52,11 +52,22 @@ impl StorageScp {
                 match accepted {
                     Ok((socket, peer)) => {
                         let _ = socket.set_nodelay(true);
+                        let transport = match &tls {
+                            Some(tls) => crate::net::Transport::Tls(tls),
+                            None => crate::net::Transport::Plain,
+                        };
+                        let incoming = match crate::net::Incoming::new(socket, peer, transport) {
+                            Ok(incoming) => incoming,
+                            Err(e) => {
+                                warn!(%peer, error = %e, "C-MOVE destination: connection refused");
+                                continue;
+                            }
+                        };
                         let spool = spool.clone();
                         let ae = ae_title.clone();
                         let token = token.clone();
                         tokio::spawn(async move {
-                            serve(socket, peer, ae, max_pdu_length, idle, spool, token).await;
+                            serve(incoming, ae, max_pdu_length, idle, spool, token).await;
                         });
                     }
                     Err(e) => {
@@ -76,8 +87,7 @@ impl StorageScp {
 }
 
 async fn serve(
-    socket: TcpStream,
-    peer: SocketAddr,
+    incoming: crate::net::Incoming,
     ae_title: String,
     max_pdu_length: u32,
     idle: Duration,
@@ -99,7 +109,8 @@ async fn serve(
     for ts in TRANSFER_SYNTAXES {
         options = options.with_transfer_syntax(*ts);
     }
-    let mut assoc = match tokio::time::timeout(idle, options.establish_async(socket)).await {
+    let peer = incoming.peer;
+    let mut assoc = match tokio::time::timeout(idle, incoming.accept(options)).await {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
             warn!(%peer, error = %e, "C-MOVE destination: association refused");
@@ -107,7 +118,7 @@ async fn serve(
         }
         Err(_) => return,
     };
-    debug!(%peer, calling_ae = dicom_ul::association::Association::peer_ae_title(&assoc), "C-MOVE destination: association");
+    debug!(%peer, calling_ae = assoc.peer_ae_title(), "C-MOVE destination: association");
     let contexts: Vec<(u8, String)> = assoc
         .presentation_contexts()
         .iter()
@@ -249,7 +260,7 @@ async fn serve(
 }
 
 async fn respond(
-    assoc: &mut AsyncServerAssociation<TcpStream>,
+    assoc: &mut crate::net::ServerAssociation,
     context: u8,
     command: Vec<u8>,
 ) -> Result<(), dicom_ul::association::Error> {

@@ -47,6 +47,10 @@ pub struct ArchiveConfig {
     /// there without saying so (0: it says so with a Cancel or warning status, or has no
     /// cap). An answer this long counts as capped and its range is split.
     pub find_answer_limit: usize,
+    /// `[archive.tls]`: DICOM TLS to the archive (C-FIND, C-MOVE, C-GET associations).
+    pub tls: crate::net::ClientTlsConfig,
+    /// `[archive.move_tls]`: DICOM TLS on the temporary C-MOVE destination.
+    pub move_tls: crate::net::ServerTlsConfig,
 }
 
 impl Default for ArchiveConfig {
@@ -65,6 +69,8 @@ impl Default for ArchiveConfig {
             max_pdu_length: 262_144,
             query_page_days: 0,
             find_answer_limit: 0,
+            tls: Default::default(),
+            move_tls: Default::default(),
         }
     }
 }
@@ -247,6 +253,7 @@ fn is_ae_title(t: &str) -> bool {
 /// Checks that hold whatever the command (every key has a valid value). What only `mine`
 /// needs (an archive, a secret) is checked by [`require_for_mining`].
 pub fn validate(archive: &ArchiveConfig, mine: &MineConfig) -> Result<(), String> {
+    archive.tls.check("archive")?;
     if !is_ae_title(&archive.calling_ae_title) {
         return Err(format!(
             "archive.calling_ae_title {:?} must be 1-16 printable ASCII characters without backslash",

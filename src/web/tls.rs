@@ -4,13 +4,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
@@ -20,45 +18,15 @@ use tokio_util::sync::CancellationToken;
 /// A client gets this long to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A certificate or key of the HTTP port that does not load, named by its keys.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("http.tls_cert {path}: {reason}")]
-    Certificate { path: PathBuf, reason: String },
-    #[error("http.tls_key {path}: {reason}")]
-    Key { path: PathBuf, reason: String },
-    #[error("the certificate and key do not make a TLS server configuration: {0}")]
-    Config(rustls::Error),
-}
+#[error("http.tls_cert / http.tls_key: {0}")]
+pub struct TlsError(#[from] crate::net::TlsError);
 
-/// The server configuration from the PEM files of `http.tls_cert` and `http.tls_key`.
+/// The server configuration from the PEM files of `http.tls_cert` and `http.tls_key`
+/// (read by [`crate::net::tls`], as the DICOM port's are).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Certificate {
-            path: cert.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Certificate {
-            path: cert.to_path_buf(),
-            reason: "no CERTIFICATE in the file".into(),
-        });
-    }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
-        path: key.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    // rustls 0.23.48 deprecates the ring provider because it has no post-quantum key
-    // exchange; its X25519 / P-256 / P-384 exchanges are what TLS 1.2 and 1.3 clients use
-    // today, and aws-lc-rs (which has ML-KEM) needs a long C build. Revisit with rustls 0.24.
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(TlsError::Config)?
-        .with_no_client_auth()
-        .with_single_cert(certs, key_der)
-        .map_err(TlsError::Config)?;
+    let mut config = crate::net::tls::single_cert_server(cert, key).map_err(TlsError)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

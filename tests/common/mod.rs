@@ -9,6 +9,7 @@ pub mod models;
 pub mod node;
 pub mod npy;
 pub mod orthanc;
+pub mod pki;
 pub mod retrain;
 
 pub mod scu;

@@ -24,8 +24,11 @@ pub struct NodeOptions {
     pub min_free_mb: u64,
     /// Storage directory; default: `<node dir>/storage`.
     pub storage: Option<PathBuf>,
-    /// Raw TOML appended to the [dicom] section.
+    /// Raw TOML appended to the [dicom] section (may end with `[dicom.tls]` and its keys).
     pub extra_dicom: String,
+    /// `dicom.allowed_peers` (a TOML value); default: STORESCU and ECHOSCU from 127.0.0.1,
+    /// TESTSCU from anywhere.
+    pub allowed_peers: Option<String>,
     /// Raw TOML appended to the [http] section (credentials, TLS); with `tls_cert` in it the
     /// node is ready when its HTTP port accepts connections.
     pub extra_http: String,
@@ -49,6 +52,7 @@ impl Default for NodeOptions {
             min_free_mb: 0,
             storage: None,
             extra_dicom: String::new(),
+            allowed_peers: None,
             extra_http: String::new(),
             http_tables: String::new(),
             env: Vec::new(),
@@ -69,6 +73,12 @@ pub struct Node {
 }
 
 pub const AE: &str = "ANATOMY";
+
+const DEFAULT_PEERS: &str = r#"[
+  { ae_title = "STORESCU", host = "127.0.0.1" },
+  { ae_title = "ECHOSCU", host = "127.0.0.1" },
+  { ae_title = "TESTSCU" },
+]"#;
 
 impl Node {
     /// Start a node with default options.
@@ -126,11 +136,7 @@ max_associations = {max_assoc}
 artim_timeout_secs = {artim}
 idle_timeout_secs = {idle}
 shutdown_grace_secs = {grace}
-allowed_peers = [
-  {{ ae_title = "STORESCU", host = "127.0.0.1" }},
-  {{ ae_title = "ECHOSCU", host = "127.0.0.1" }},
-  {{ ae_title = "TESTSCU" }},
-]
+allowed_peers = {peers}
 {extra}
 
 [http]
@@ -165,6 +171,7 @@ level = "info,anatomy_node=debug"
             idle = o.idle_timeout_secs,
             grace = o.shutdown_grace_secs,
             extra = o.extra_dicom,
+            peers = o.allowed_peers.as_deref().unwrap_or(DEFAULT_PEERS),
             extra_http = o.extra_http,
             http_tables = o.http_tables,
             storage = self.storage().display(),

@@ -41,6 +41,9 @@ pub struct OrthancOptions {
     /// study or series level (0: no limit). Orthanc 1.10 then sends that many and a final
     /// status Cancel (FE00).
     pub limit_find_results: u32,
+    /// DICOM TLS on the DICOM port (then TLS only): Orthanc's certificate, its key and the
+    /// CA bundle client certificates must chain to (a client certificate is required).
+    pub dicom_tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl Default for OrthancOptions {
@@ -52,6 +55,7 @@ impl Default for OrthancOptions {
             modalities: Vec::new(),
             allow_any_query: false,
             limit_find_results: 0,
+            dicom_tls: None,
         }
     }
 }
@@ -72,7 +76,15 @@ impl Orthanc {
         let modalities: serde_json::Map<String, Value> = options
             .modalities
             .iter()
-            .map(|(name, ae, port)| (name.clone(), json!([ae, "127.0.0.1", port])))
+            .map(|(name, ae, port)| {
+                let entry = if options.dicom_tls.is_some() {
+                    // Orthanc then also sends (C-MOVE sub-operations) over TLS.
+                    json!({"AET": ae, "Host": "127.0.0.1", "Port": port, "UseDicomTls": true})
+                } else {
+                    json!([ae, "127.0.0.1", port])
+                };
+                (name.clone(), entry)
+            })
             .collect();
         let plugins: Vec<&str> = if options.dicomweb {
             assert!(
@@ -103,6 +115,14 @@ impl Orthanc {
             "Plugins": plugins,
             "DicomWeb": { "Enable": options.dicomweb, "Root": "/dicom-web/" },
         });
+        let mut config = config;
+        if let Some((cert, key, trusted)) = &options.dicom_tls {
+            config["DicomTlsEnabled"] = json!(true);
+            config["DicomTlsCertificate"] = json!(cert);
+            config["DicomTlsPrivateKey"] = json!(key);
+            config["DicomTlsTrustedCertificates"] = json!(trusted);
+            config["DicomTlsRemoteCertificateRequired"] = json!(true);
+        }
         let path = dir.path().join("orthanc.json");
         std::fs::write(&path, config.to_string()).expect("orthanc config");
         let log = std::fs::File::create(dir.path().join("orthanc.log")).expect("orthanc log");
