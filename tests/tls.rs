@@ -425,18 +425,30 @@ fn a_full_node_answers_a_tls_client_with_a_transient_rejection() {
         "1.2.840.10008.5.1.4.1.1.2".to_string(),
         "1.2.840.10008.1.2.1".to_string(),
     );
-    // The one association the node serves, held open over TLS.
-    let held = rt
-        .block_on(Association::open(
+    // The one association the node serves, held open over TLS. The start-up probe of the
+    // test harness may still hold the slot for a moment on a loaded machine: retry briefly.
+    let open = || {
+        rt.block_on(Association::open(
             &scu_peer(tls_port, &ca.cert),
-            &anatomy_node::forward::scu::proposals(&[ct]),
+            &anatomy_node::forward::scu::proposals(std::slice::from_ref(&ct)),
             262_144,
             Timeouts {
                 connect: Duration::from_secs(5),
                 dimse: Duration::from_secs(20),
             },
         ))
-        .expect("the first TLS association");
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let held = loop {
+        match open() {
+            Ok(held) => break held,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("first association not yet accepted ({e:?}); retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("the first TLS association: {e:?}"),
+        }
+    };
     let anonymous = vec!["+tla".to_string()];
     let log = over_tls("echoscu", "ECHOSCU", &anonymous, &ca.cert, tls_port, &[]);
     assert!(
