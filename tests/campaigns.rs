@@ -85,9 +85,12 @@ fn lung_model(dir: &Path) -> PathBuf {
     .expect("a Python with onnx (ANATOMY_TEST_PYTHON or .venv-tests)")
 }
 
+/// The [classifier] section: `model`, then `rest` (further sections). A series whose
+/// classification a killed node had claimed is taken over after 5 s (600 s by default,
+/// longer than a campaign waits).
 fn classifier(model: &Path, rest: &str) -> String {
     format!(
-        "enabled = true\nmodel = \"{}\"\ndevice = \"cpu\"\nkey_images = 4\n\n{rest}\n",
+        "enabled = true\nmodel = \"{}\"\ndevice = \"cpu\"\nkey_images = 4\nclaim_timeout_secs = 5\n\n{rest}\n",
         model.display()
     )
 }
@@ -112,18 +115,7 @@ fn storescu(port: u16, files: &[PathBuf]) -> Child {
 
 /// Files storescu -v reports as acknowledged with a success status.
 fn acknowledged(storescu_log: &str) -> Vec<PathBuf> {
-    let mut current = None;
-    let mut out = Vec::new();
-    for line in storescu_log.lines() {
-        if let Some(f) = line.strip_prefix("I: Sending file: ") {
-            current = Some(PathBuf::from(f.trim()));
-        } else if line.contains("Received Store Response (Success)") {
-            if let Some(f) = current.take() {
-                out.push(f);
-            }
-        }
-    }
-    out
+    common::storescu_acknowledged(storescu_log)
 }
 
 // ---------------------------------------------------------------------------------------
