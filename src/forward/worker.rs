@@ -1024,10 +1024,15 @@ impl Committing {
     /// Wait for the commit in flight, if any: `Err` when it could not be made (the next copy
     /// must not be delivered: it would widen the window of copies that may arrive twice).
     async fn settle(&mut self) -> Result<(), String> {
-        let Some(running) = self.running.take() else {
+        let Some(running) = self.running.as_mut() else {
             return Ok(());
         };
-        match running.await {
+        // Awaited in place, not taken: if the copy waiting on this gate is given up (the
+        // shutdown grace ran out), `finish` still waits for the commit before the jobs
+        // are released.
+        let result = running.await;
+        self.running = None;
+        match result {
             Ok((true, conn)) => {
                 self.conn = conn;
                 Ok(())
