@@ -7,11 +7,12 @@
 //! on the blocking pool.
 //!
 //! Exactly once, as far as it can be: the outcome of each C-STORE the destination answered is
-//! committed before the next copy goes out on the association, so a crash of the node sends
-//! again at most the one copy that was on the wire. That commit waits for the operating
-//! system, not the disk (`forward.sync_outcomes` makes it wait for the disk), which keeps it
-//! to tens of microseconds. Outcomes of copies that never reached the destination (refused
-//! before sending, released on shutdown) go to a recorder task in group commits.
+//! committed before the next copy can be stored there, so a crash of the node sends again at
+//! most the one copy that was on the wire. That commit waits for the operating system, not
+//! the disk (`forward.sync_outcomes` makes it wait for the disk), and it runs while the next
+//! copy's data goes out: only that copy's last fragment waits for it. Outcomes of copies that
+//! never reached the destination (refused before sending, released on shutdown) go to a
+//! recorder task in group commits.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Seek, SeekFrom};
@@ -98,7 +99,6 @@ struct Destination {
 
 /// Start the router, one worker per `[[destinations]]` entry, and the depth gauges.
 /// `outcomes` is the index opened for delivery outcomes (`node::open_outcomes`).
-#[allow(clippy::too_many_arguments)]
 pub fn start(
     config: &Config,
     index: Index,
@@ -459,8 +459,7 @@ async fn send_batch(
         match stored {
             Ok(rsp) => {
                 let outcome = response_outcome(s, d, &job, rsp.status, rsp.comment.as_deref());
-                let delivered = matches!(outcome, Outcome::Done { .. });
-                if delivered {
+                if matches!(outcome, Outcome::Done { .. }) {
                     sent += 1;
                     s.metrics.forward.forwarded(&d.name, bytes);
                 } else {
