@@ -23,7 +23,7 @@
 //! ```
 //!
 //! The node stores everything it receives: about 0.3 GB a minute at the default pace
-//! (about 10 images/s, 0.5 MB each), 9 GB for 30 minutes.
+//! (about 11 images/s, 0.5 MB each), 10 GB for 30 minutes.
 
 mod common;
 
