@@ -38,6 +38,28 @@ pub async fn open_index(config: &Config) -> anyhow::Result<Index> {
     Ok(index)
 }
 
+/// The index as the forward workers commit delivery outcomes to it: a copy's outcome is
+/// committed before the next copy goes out, so that commit must be cheap. Unless
+/// `forward.sync_outcomes`, it gets its own connections whose commits wait for the
+/// operating system but not for the disk (SQLite `synchronous = NORMAL`, PostgreSQL
+/// `synchronous_commit = off`): a crash of the node loses none of them, a power loss may.
+pub async fn open_outcomes(config: &Config, index: &Index) -> anyhow::Result<Index> {
+    let relaxed = config.storage.fsync && !config.forward.sync_outcomes;
+    if !relaxed || config.destinations.is_empty() {
+        return Ok(index.clone());
+    }
+    let url = config.database_url();
+    let connections = (config.destinations.len() as u32).saturating_add(1);
+    Index::connect(&url, connections, false)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to the index database for forwarding outcomes ({})",
+                redact(&url)
+            )
+        })
+}
+
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     // Credentials and certificates first: a bad token list, JWKS or certificate stops the
@@ -70,9 +92,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
     let wake = Arc::new(Notify::new());
+    let outcomes = open_outcomes(&config, &index).await?;
     let forwarding = crate::forward::start(
         &config,
         index.clone(),
+        outcomes,
         metrics.clone(),
         node_id(),
         audit.clone(),

@@ -860,3 +860,97 @@ fn a_tls_destination_gets_every_instance_over_mutual_tls() {
         assert_eq!(counts.get(&uid), Some(&1), "{uid} arrived once over TLS");
     }
 }
+
+/// The last fragment of a copy waits for its gate (issue #18): the forward worker commits
+/// the previous copy's outcome there, so a destination never has a copy complete before its
+/// predecessor's outcome is recorded; a gate that fails sends nothing more of the copy.
+#[test]
+fn a_copy_is_not_complete_at_the_destination_before_its_gate_opens() {
+    use anatomy_node::forward::scu::{self, Association, Payload, Peer, ScuError, Timeouts};
+
+    let work = tempfile::tempdir().unwrap();
+    let (_, files) = data::synthetic_series(&work.path().join("s"), 77, 2, 256);
+    let scp_dir = work.path().join("scp");
+    std::fs::create_dir_all(&scp_dir).unwrap();
+    let port = free_port();
+    // Without +B storescp keeps a data set in memory until its last fragment, then writes.
+    let mut scp = Command::new("storescp")
+        .env("TCP_NODELAY", "1")
+        .args(["-aet", "CAD", "-od"])
+        .arg(&scp_dir)
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("storescp (apt package dcmtk)");
+    assert!(
+        common::wait_until(10, || TcpStream::connect(("127.0.0.1", port)).is_ok()),
+        "storescp did not start"
+    );
+    let class = data::sop_class(&files[0]);
+    let ts = data::transfer_syntax(&files[0]);
+    let payload = |f: &PathBuf| Payload {
+        head: data::dataset_bytes(f),
+        tail: None,
+    };
+    let uids: Vec<String> = files
+        .iter()
+        .map(|f| data::media_storage_sop_instance_uid(f))
+        .collect();
+    common::runtime().block_on(async {
+        let peer = Peer {
+            ae_title: "CAD".into(),
+            host: "127.0.0.1".into(),
+            port,
+            calling_ae_title: "ANATOMY".into(),
+        };
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(5),
+            dimse: Duration::from_secs(10),
+        };
+        let proposals = scu::proposals(&[(class.clone(), ts.clone())]);
+        let mut assoc = Association::open(&peer, &proposals, 65_536, timeouts)
+            .await
+            .expect("association with storescp");
+        let context = assoc.choose(&class, &ts).expect("context accepted").id;
+
+        // A gate that opens after 500 ms: nothing is complete at the destination before.
+        let dir = scp_dir.clone();
+        let gate = async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            match common::files_under(&dir).len() {
+                0 => Ok(()),
+                n => Err(format!(
+                    "{n} files at the destination before the gate opened"
+                )),
+            }
+        };
+        let rsp = assoc
+            .store_gated(context, &class, &uids[0], payload(&files[0]), gate)
+            .await
+            .expect("stored once the gate opened");
+        assert_eq!(rsp.status, 0);
+
+        // A gate that fails: the copy is held back, its last fragment never sent.
+        let err = assoc
+            .store_gated(context, &class, &uids[1], payload(&files[1]), async {
+                Err("the index cannot record the previous outcome".to_string())
+            })
+            .await
+            .expect_err("held back");
+        assert!(matches!(err, ScuError::Held(_)), "{err}");
+        assoc.abort().await;
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let stored: Vec<String> = common::files_under(&scp_dir)
+        .iter()
+        .map(|p| data::media_storage_sop_instance_uid(p))
+        .collect();
+    let _ = scp.kill();
+    let _ = scp.wait();
+    assert_eq!(
+        stored,
+        vec![uids[0].clone()],
+        "only the copy whose gate opened"
+    );
+}

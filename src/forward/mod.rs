@@ -55,6 +55,12 @@ pub struct ForwardConfig {
     pub claim_timeout_secs: u64,
     /// Largest PDU we accept from destinations (their responses are small).
     pub max_pdu_length: u32,
+    /// Each copy's outcome is committed before the next copy goes out on its association.
+    /// `false` (default): that commit waits for the operating system, not the disk (SQLite
+    /// `synchronous = NORMAL`, PostgreSQL `synchronous_commit = off`), so it survives a crash
+    /// of the node but not of the machine. `true`: it waits for the disk too (one flush per
+    /// copy), and the one-copy window holds across a power loss as well.
+    pub sync_outcomes: bool,
 }
 
 impl Default for ForwardConfig {
@@ -69,6 +75,7 @@ impl Default for ForwardConfig {
             dimse_timeout_secs: 60,
             claim_timeout_secs: 300,
             max_pdu_length: 65_536,
+            sync_outcomes: false,
         }
     }
 }

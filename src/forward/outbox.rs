@@ -494,67 +494,109 @@ pub async fn record(
     now: i64,
 ) -> Result<usize, IndexError> {
     let mut tx = index.pool().begin().await?;
-    sqlx::query(
-        "UPDATE forward_jobs SET claimed_at = $1 \
-         WHERE destination = $2 AND claimed_by = $3 AND state = 'sending'",
-    )
-    .bind(now)
-    .bind(destination)
-    .bind(node)
-    .execute(&mut *tx)
-    .await?;
+    touch_query(destination, node, now)
+        .execute(&mut *tx)
+        .await?;
     let mut applied = 0;
     for outcome in outcomes {
-        let q = match outcome {
-            Outcome::Done {
-                id,
-                status,
-                warning,
-            } => sqlx::query(
-                "UPDATE forward_jobs SET state = 'done', finished_at = $1, last_status = $2, \
-                     last_error = $3 \
-                 WHERE id = $4 AND claimed_by = $5 AND state = 'sending'",
-            )
-            .bind(now)
-            .bind(i64::from(*status))
-            .bind(warning.clone())
-            .bind(*id),
-            Outcome::Retry {
-                id,
-                available_at,
-                status,
-                error,
-            } => sqlx::query(
-                "UPDATE forward_jobs SET state = 'pending', available_at = $1, last_status = $2, \
-                     last_error = $3, claimed_by = NULL, claimed_at = NULL \
-                 WHERE id = $4 AND claimed_by = $5 AND state = 'sending'",
-            )
-            .bind(*available_at)
-            .bind(status.map(i64::from))
-            .bind(error.clone())
-            .bind(*id),
-            Outcome::Dead { id, status, error } => sqlx::query(
-                "UPDATE forward_jobs SET state = 'dead', finished_at = $1, last_status = $2, \
-                     last_error = $3 \
-                 WHERE id = $4 AND claimed_by = $5 AND state = 'sending'",
-            )
-            .bind(now)
-            .bind(status.map(i64::from))
-            .bind(error.clone())
-            .bind(*id),
-            Outcome::Release { id } => sqlx::query(
-                "UPDATE forward_jobs SET state = 'pending', attempts = attempts - 1, \
-                     claimed_by = NULL, claimed_at = NULL \
-                 WHERE id = $1 AND claimed_by = $2 AND state = 'sending'",
-            )
-            .bind(*id),
-        };
-        if q.bind(node).execute(&mut *tx).await?.rows_affected() == 1 {
+        if outcome_query(outcome, node, now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1
+        {
             applied += 1;
         }
     }
     tx.commit().await?;
     Ok(applied)
+}
+
+/// Record one outcome as one statement (one commit, the cheapest there is: a worker waits
+/// for it before its next copy goes out); `false` when the job is no longer this node's.
+pub async fn record_one(
+    conn: &mut sqlx::AnyConnection,
+    node: &str,
+    outcome: &Outcome,
+    now: i64,
+) -> Result<bool, IndexError> {
+    Ok(outcome_query(outcome, node, now)
+        .execute(conn)
+        .await?
+        .rows_affected()
+        == 1)
+}
+
+/// Keep the node's claimed jobs of `destination` from looking stale to other nodes.
+pub async fn touch_claims(
+    conn: &mut sqlx::AnyConnection,
+    destination: &str,
+    node: &str,
+    now: i64,
+) -> Result<(), IndexError> {
+    touch_query(destination, node, now).execute(conn).await?;
+    Ok(())
+}
+
+type Query<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+fn touch_query<'q>(destination: &str, node: &str, now: i64) -> Query<'q> {
+    sqlx::query(
+        "UPDATE forward_jobs SET claimed_at = $1 \
+         WHERE destination = $2 AND claimed_by = $3 AND state = 'sending'",
+    )
+    .bind(now)
+    .bind(destination.to_string())
+    .bind(node.to_string())
+}
+
+/// The statement that records `outcome`, only while the job is still `node`'s.
+fn outcome_query<'q>(outcome: &Outcome, node: &str, now: i64) -> Query<'q> {
+    let q = match outcome {
+        Outcome::Done {
+            id,
+            status,
+            warning,
+        } => sqlx::query(
+            "UPDATE forward_jobs SET state = 'done', finished_at = $1, last_status = $2, \
+                 last_error = $3 \
+             WHERE id = $4 AND claimed_by = $5 AND state = 'sending'",
+        )
+        .bind(now)
+        .bind(i64::from(*status))
+        .bind(warning.clone())
+        .bind(*id),
+        Outcome::Retry {
+            id,
+            available_at,
+            status,
+            error,
+        } => sqlx::query(
+            "UPDATE forward_jobs SET state = 'pending', available_at = $1, last_status = $2, \
+                 last_error = $3, claimed_by = NULL, claimed_at = NULL \
+             WHERE id = $4 AND claimed_by = $5 AND state = 'sending'",
+        )
+        .bind(*available_at)
+        .bind(status.map(i64::from))
+        .bind(error.clone())
+        .bind(*id),
+        Outcome::Dead { id, status, error } => sqlx::query(
+            "UPDATE forward_jobs SET state = 'dead', finished_at = $1, last_status = $2, \
+                 last_error = $3 \
+             WHERE id = $4 AND claimed_by = $5 AND state = 'sending'",
+        )
+        .bind(now)
+        .bind(status.map(i64::from))
+        .bind(error.clone())
+        .bind(*id),
+        Outcome::Release { id } => sqlx::query(
+            "UPDATE forward_jobs SET state = 'pending', attempts = attempts - 1, \
+                 claimed_by = NULL, claimed_at = NULL \
+             WHERE id = $1 AND claimed_by = $2 AND state = 'sending'",
+        )
+        .bind(*id),
+    };
+    q.bind(node.to_string())
 }
 
 /// When the next pending job of `destination` is due (ms), if any is waiting.

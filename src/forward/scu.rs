@@ -151,6 +151,8 @@ pub enum ScuError {
     BadResponse(String),
     #[error("TLS settings of the destination: {0}")]
     Tls(String),
+    #[error("not sent: {0}")]
+    Held(String),
     #[error("reading the stored file {path}: {source}")]
     File {
         path: PathBuf,
@@ -366,16 +368,45 @@ impl Association {
         sop_instance_uid: &str,
         payload: Payload,
     ) -> Result<StoreResponse, ScuError> {
+        self.store_gated(
+            context,
+            sop_class,
+            sop_instance_uid,
+            payload,
+            std::future::ready(Ok(())),
+        )
+        .await
+    }
+
+    /// C-STORE whose last P-DATA fragment waits for `gate`: everything before it is on the
+    /// wire meanwhile, and the destination cannot store the copy before it has that last
+    /// fragment. The forward worker commits the previous copy's outcome in the gate, so
+    /// that commit overlaps this copy's transfer and still precedes its delivery. A gate
+    /// that fails sends nothing more: `ScuError::Held` (abort the association then).
+    pub async fn store_gated(
+        &mut self,
+        context: u8,
+        sop_class: &str,
+        sop_instance_uid: &str,
+        payload: Payload,
+        gate: impl std::future::Future<Output = Result<(), String>>,
+    ) -> Result<StoreResponse, ScuError> {
         let message_id = self.next_message_id;
         self.next_message_id = self.next_message_id.wrapping_add(1).max(1);
         let command = store_rq(message_id, sop_class, sop_instance_uid);
         self.out.clear();
         push_pdu(&mut self.out, context, true, true, &command);
-        self.send_data(context, payload).await?;
+        self.send_data(context, payload, gate).await?;
         self.receive_response(message_id).await
     }
 
-    async fn send_data(&mut self, context: u8, payload: Payload) -> Result<(), ScuError> {
+    async fn send_data(
+        &mut self,
+        context: u8,
+        payload: Payload,
+        gate: impl std::future::Future<Output = Result<(), String>>,
+    ) -> Result<(), ScuError> {
+        let mut gate = std::pin::pin!(gate);
         let mut remaining = payload.len();
         let mut buf = payload.head;
         let mut pos = 0;
@@ -399,6 +430,8 @@ impl Association {
             None => None,
         };
         if remaining == 0 {
+            self.flush().await?;
+            gate.as_mut().await.map_err(ScuError::Held)?;
             push_pdu(&mut self.out, context, false, true, &[]);
         }
         while remaining > 0 {
@@ -417,6 +450,11 @@ impl Association {
                 pos = 0;
             }
             let n = self.max_data.min(buf.len() - pos);
+            if remaining == n as u64 {
+                // The last fragment: only once the gate opens.
+                self.flush().await?;
+                gate.as_mut().await.map_err(ScuError::Held)?;
+            }
             remaining -= n as u64;
             push_pdu(
                 &mut self.out,

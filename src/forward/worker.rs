@@ -4,8 +4,15 @@
 //!
 //! A worker owns its destination alone, so a destination that is down, refuses, or answers
 //! slowly holds up nobody else. While its batch is on the wire the next copies are prepared
-//! on the blocking pool, and outcomes are committed by a recorder task in group commits, so
-//! neither the disk nor the database stalls the association.
+//! on the blocking pool.
+//!
+//! Exactly once, as far as it can be: the outcome of each C-STORE the destination answered is
+//! committed before the next copy can be stored there, so a crash of the node sends again at
+//! most the one copy that was on the wire. That commit waits for the operating system, not
+//! the disk (`forward.sync_outcomes` makes it wait for the disk), and it runs while the next
+//! copy's data goes out: only that copy's last fragment waits for it. Outcomes of copies that
+//! never reached the destination (refused before sending, released on shutdown) go to a
+//! recorder task in group commits.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Seek, SeekFrom};
@@ -47,9 +54,11 @@ const READ_WHOLE: u64 = 8 * 1024 * 1024;
 const PREFIX: usize = 1024 * 1024;
 /// On shutdown, how long a C-STORE on the wire may still take to be answered.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-/// How long the recorder gathers outcomes before a commit (a copy acknowledged and not yet
-/// committed is sent again after a crash: this bounds that window).
+/// How long the recorder gathers outcomes of copies not delivered before a commit (only
+/// delays: nothing the destination stored waits for it).
 const COMMIT_GATHER: Duration = Duration::from_millis(50);
+/// How often a worker sending a long batch marks its other claimed jobs as still its own.
+const TOUCH_CLAIMS: Duration = Duration::from_secs(1);
 /// Label results cached per worker.
 const LABEL_CACHE: usize = 64;
 
@@ -71,6 +80,10 @@ impl Forwarding {
 
 struct Shared {
     index: Index,
+    /// Where each delivery outcome is committed before the next copy is sent: the index,
+    /// through connections whose commits wait for the operating system only, unless
+    /// `forward.sync_outcomes` (see `start`).
+    outcomes: Index,
     metrics: Arc<Metrics>,
     forward: ForwardConfig,
     storage_root: PathBuf,
@@ -85,9 +98,11 @@ struct Destination {
 }
 
 /// Start the router, one worker per `[[destinations]]` entry, and the depth gauges.
+/// `outcomes` is the index opened for delivery outcomes (`node::open_outcomes`).
 pub fn start(
     config: &Config,
     index: Index,
+    outcomes: Index,
     metrics: Arc<Metrics>,
     node_id: String,
     audit: crate::audit::AuditLog,
@@ -95,6 +110,7 @@ pub fn start(
 ) -> Forwarding {
     let shared = Arc::new(Shared {
         index,
+        outcomes,
         metrics,
         forward: config.forward.clone(),
         storage_root: config.storage.path.clone(),
@@ -368,6 +384,8 @@ async fn send_batch(
     let mut queue: VecDeque<(Job, Preparing)> = VecDeque::new();
     let mut waiting = jobs.into_iter();
     let (mut sent, mut failed) = (0usize, 0usize);
+    let mut touched = Instant::now();
+    let mut committing = Committing::default();
     loop {
         while queue.len() < PREPARE_AHEAD {
             let Some(job) = waiting.next() else { break };
@@ -410,7 +428,15 @@ async fn send_batch(
         };
         let bytes = p.payload.len();
         let stored = {
-            let storing = assoc.store(p.context, &p.sop_class, &job.sop_instance_uid, p.payload);
+            // The previous copy's outcome is committed while this one goes out, and before
+            // its last fragment does.
+            let storing = assoc.store_gated(
+                p.context,
+                &p.sop_class,
+                &job.sop_instance_uid,
+                p.payload,
+                committing.settle(),
+            );
             tokio::pin!(storing);
             tokio::select! {
                 r = &mut storing => Some(r),
@@ -428,6 +454,7 @@ async fn send_batch(
                 recorder.send(Outcome::Release { id: j.id });
             }
             assoc.abort().await;
+            committing.finish().await;
             return None;
         };
         match stored {
@@ -439,7 +466,13 @@ async fn send_batch(
                 } else {
                     failed += 1;
                 }
-                recorder.send(outcome);
+                // Committed before the next copy can be stored by the destination (the gate
+                // of its last fragment): a crash re-sends at most the copy on the wire.
+                let touch = touched.elapsed() >= TOUCH_CLAIMS;
+                if touch {
+                    touched = Instant::now();
+                }
+                committing.start(s, &d.name, outcome, touch);
             }
             Err(e) => {
                 // The association is gone: this job failed, the others were not tried.
@@ -453,6 +486,7 @@ async fn send_batch(
                     recorder.send(Outcome::Release { id: j.id });
                 }
                 assoc.abort().await;
+                committing.finish().await;
                 audit.record(
                     s,
                     false,
@@ -468,6 +502,9 @@ async fn send_batch(
             }
         }
     }
+    // The last outcome is committed before the association is released and before the
+    // next batch can start.
+    committing.finish().await;
     assoc.release().await;
     audit.record(s, failed == 0, format!("{sent} sent, {failed} failed"));
     info!(
@@ -953,32 +990,151 @@ impl Recorder {
     }
 }
 
-/// Commit outcomes, retrying a failing database for a while. Outcomes that cannot be
-/// committed leave their jobs claimed; they are sent again after forward.claim_timeout_secs
-/// (at least once: nothing is lost, a copy may arrive twice).
+/// Commit outcomes of copies that did not reach the destination, retrying a failing
+/// database for a while. Outcomes that cannot be committed leave their jobs claimed; they
+/// are sent again after forward.claim_timeout_secs.
 async fn record(s: &Shared, destination: &str, outcomes: &[Outcome]) {
+    let committed = with_retries(|| async {
+        let now = now_millis();
+        let applied = outbox::record(&s.index, destination, &s.node_id, outcomes, now).await?;
+        Ok(applied == outcomes.len())
+    })
+    .await;
+    warn_unapplied(committed, outcomes.len());
+}
+
+/// The commit of the last answered copy's outcome, running while the next copy goes out.
+#[derive(Default)]
+struct Committing {
+    running: Option<JoinHandle<(bool, OutcomeConnection)>>,
+    conn: OutcomeConnection,
+}
+
+impl Committing {
+    /// Commit `outcome` in the background.
+    fn start(&mut self, s: &Arc<Shared>, destination: &str, outcome: Outcome, touch: bool) {
+        let (s, destination) = (s.clone(), destination.to_string());
+        let mut conn = self.conn.take();
+        self.running = Some(tokio::spawn(async move {
+            let committed = record_delivery(&s, &destination, &mut conn, &outcome, touch).await;
+            (committed, conn)
+        }));
+    }
+
+    /// Wait for the commit in flight, if any: `Err` when it could not be made (the next copy
+    /// must not be delivered: it would widen the window of copies that may arrive twice).
+    async fn settle(&mut self) -> Result<(), String> {
+        let Some(running) = self.running.as_mut() else {
+            return Ok(());
+        };
+        // Awaited in place, not taken: if the copy waiting on this gate is given up (the
+        // shutdown grace ran out), `finish` still waits for the commit before the jobs
+        // are released.
+        let result = running.await;
+        self.running = None;
+        match result {
+            Ok((true, conn)) => {
+                self.conn = conn;
+                Ok(())
+            }
+            Ok((false, _)) => Err("the index cannot record the previous copy's outcome".into()),
+            Err(e) => Err(format!("recording the previous copy's outcome failed: {e}")),
+        }
+    }
+
+    /// Wait for the commit in flight (its failure is logged by `record_delivery`).
+    async fn finish(&mut self) {
+        let _ = self.settle().await;
+    }
+}
+
+/// The connection a worker commits delivery outcomes on, held for a whole batch: a copy
+/// waits for its predecessor's commit, so that commit skips the pool (an acquire and a
+/// ping on release per copy).
+type OutcomeConnection = Option<sqlx::pool::PoolConnection<sqlx::Any>>;
+
+/// Commit the outcome of a copy the destination answered before the next copy goes out;
+/// `false` when it could not be committed (then the copy is sent again after
+/// forward.claim_timeout_secs: the one copy that may arrive twice). With `touch`, also
+/// mark the worker's other claimed jobs as still its own.
+async fn record_delivery(
+    s: &Shared,
+    destination: &str,
+    conn: &mut OutcomeConnection,
+    outcome: &Outcome,
+    touch: bool,
+) -> bool {
     let mut wait = Duration::from_millis(100);
     for attempt in 1..=8 {
-        match outbox::record(&s.index, destination, &s.node_id, outcomes, now_millis()).await {
+        match commit_delivery(s, destination, conn, outcome, touch).await {
             Ok(applied) => {
-                if applied < outcomes.len() {
-                    warn!(
-                        applied,
-                        outcomes = outcomes.len(),
-                        "some jobs were taken over by another node after forward.claim_timeout_secs"
-                    );
-                }
-                return;
+                warn_unapplied(Some(applied), 1);
+                return true;
             }
+            Err(e) => {
+                // A connection that failed is not trusted again.
+                *conn = None;
+                if attempt == 8 {
+                    error!(error = %e, "cannot record a forwarding outcome; the copy will be sent again after forward.claim_timeout_secs");
+                    break;
+                }
+                warn!(error = %e, attempt, "cannot record a forwarding outcome; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    false
+}
+
+async fn commit_delivery(
+    s: &Shared,
+    destination: &str,
+    conn: &mut OutcomeConnection,
+    outcome: &Outcome,
+    touch: bool,
+) -> Result<bool, crate::index::IndexError> {
+    let c = match conn {
+        Some(c) => c,
+        None => conn.insert(s.outcomes.pool().acquire().await?),
+    };
+    let now = now_millis();
+    if touch {
+        outbox::touch_claims(c, destination, &s.node_id, now).await?;
+    }
+    outbox::record_one(c, &s.node_id, outcome, now).await
+}
+
+/// Run `commit` until it succeeds, for a while (8 attempts, backoff to 5 s): `Some(all
+/// applied)`, or `None` when the database kept failing.
+async fn with_retries<F, Fut>(mut commit: F) -> Option<bool>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, crate::index::IndexError>>,
+{
+    let mut wait = Duration::from_millis(100);
+    for attempt in 1..=8 {
+        match commit().await {
+            Ok(applied) => return Some(applied),
             Err(e) if attempt < 8 => {
                 warn!(error = %e, attempt, "cannot record forwarding outcomes; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
-                error!(error = %e, outcomes = outcomes.len(), "cannot record forwarding outcomes; the jobs will be sent again after forward.claim_timeout_secs");
+                error!(error = %e, "cannot record forwarding outcomes; the jobs will be sent again after forward.claim_timeout_secs");
             }
         }
+    }
+    None
+}
+
+fn warn_unapplied(committed: Option<bool>, outcomes: usize) {
+    if committed == Some(false) {
+        warn!(
+            outcomes,
+            "some jobs were taken over by another node after forward.claim_timeout_secs"
+        );
     }
 }
 

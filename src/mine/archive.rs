@@ -241,6 +241,10 @@ impl Archive {
                     &archive.dicomweb_url,
                     timeouts.connect,
                     timeouts.dimse,
+                    super::web::Limits {
+                        search_mb: archive.dicomweb_max_search_mb,
+                        instance_mb: archive.dicomweb_max_instance_mb,
+                    },
                 ))),
                 format!("DICOMweb {}", archive.dicomweb_url),
             ),

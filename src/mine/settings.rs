@@ -51,6 +51,12 @@ pub struct ArchiveConfig {
     pub tls: crate::net::ClientTlsConfig,
     /// `[archive.move_tls]`: DICOM TLS on the temporary C-MOVE destination.
     pub move_tls: crate::net::ServerTlsConfig,
+    /// The largest QIDO-RS response page read (MB): a longer body is refused with an error
+    /// naming this key, so an archive that answers without end cannot exhaust memory.
+    pub dicomweb_max_search_mb: u64,
+    /// The largest instance a WADO-RS retrieve writes to the spool (MB): a longer one is
+    /// refused, its partial file removed, so an archive cannot fill the disk.
+    pub dicomweb_max_instance_mb: u64,
 }
 
 impl Default for ArchiveConfig {
@@ -71,6 +77,8 @@ impl Default for ArchiveConfig {
             find_answer_limit: 0,
             tls: Default::default(),
             move_tls: Default::default(),
+            dicomweb_max_search_mb: 64,
+            dicomweb_max_instance_mb: 2048,
         }
     }
 }
@@ -268,6 +276,14 @@ pub fn validate(archive: &ArchiveConfig, mine: &MineConfig) -> Result<(), String
     }
     if !(4096..=16 * 1024 * 1024).contains(&archive.max_pdu_length) {
         return Err("archive.max_pdu_length must be between 4096 and 16777216".into());
+    }
+    if !(1..=1024 * 1024).contains(&archive.dicomweb_max_search_mb)
+        || !(1..=1024 * 1024).contains(&archive.dicomweb_max_instance_mb)
+    {
+        return Err(
+            "archive.dicomweb_max_search_mb and archive.dicomweb_max_instance_mb must be between 1 and 1048576"
+                .into(),
+        );
     }
     if archive.connect_timeout_secs == 0 || archive.dimse_timeout_secs == 0 {
         return Err(

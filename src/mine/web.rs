@@ -30,15 +30,32 @@ pub enum WebError {
     Spool(std::io::Error),
     #[error("{url}: more than {max} answers to one search")]
     TooManyAnswers { url: String, max: usize },
+    #[error("{url}: the {what} is larger than {key} ({limit_mb} MB); refused")]
+    TooLarge {
+        url: String,
+        what: &'static str,
+        key: &'static str,
+        limit_mb: u64,
+    },
 }
+
+/// The most a response may hold (archive.dicomweb_max_search_mb, _instance_mb), in MB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub search_mb: u64,
+    pub instance_mb: u64,
+}
+
+const MB: u64 = 1024 * 1024;
 
 pub struct DicomWeb {
     agent: ureq::Agent,
     base: String,
+    limits: Limits,
 }
 
 impl DicomWeb {
-    pub fn new(base: &str, connect: Duration, read: Duration) -> DicomWeb {
+    pub fn new(base: &str, connect: Duration, read: Duration, limits: Limits) -> DicomWeb {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(connect))
@@ -48,6 +65,7 @@ impl DicomWeb {
         DicomWeb {
             agent: config.into(),
             base: base.trim_end_matches('/').to_string(),
+            limits,
         }
     }
 
@@ -100,11 +118,19 @@ impl DicomWeb {
             let body = response
                 .body_mut()
                 .with_config()
-                .limit(256 * 1024 * 1024)
+                .limit(self.limits.search_mb.saturating_mul(MB))
                 .read_to_string()
-                .map_err(|e| WebError::Body {
-                    url: url.clone(),
-                    reason: e.to_string(),
+                .map_err(|e| match e {
+                    ureq::Error::BodyExceedsLimit(_) => WebError::TooLarge {
+                        url: url.clone(),
+                        what: "QIDO-RS response",
+                        key: "archive.dicomweb_max_search_mb",
+                        limit_mb: self.limits.search_mb,
+                    },
+                    e => WebError::Body {
+                        url: url.clone(),
+                        reason: e.to_string(),
+                    },
                 })?;
             if status != 200 {
                 return Err(WebError::Status {
@@ -195,12 +221,29 @@ impl DicomWeb {
         let Some(mut incoming) = spool.begin_file(sop).map_err(WebError::Spool)? else {
             return Ok(false);
         };
-        copy_first_part(&mut reader, &boundary, &mut |bytes| incoming.write(bytes)).map_err(
-            |e| WebError::Body {
-                url: url.clone(),
-                reason: e.to_string(),
-            },
-        )?;
+        // The part is written as it arrives, so it is bounded as it arrives: an incoming
+        // file dropped on an error is removed.
+        let max = self.limits.instance_mb.saturating_mul(MB);
+        let mut too_large = false;
+        let copied = copy_first_part(&mut reader, &boundary, &mut |bytes| {
+            if incoming.bytes().saturating_add(bytes.len() as u64) > max {
+                too_large = true;
+                return Err(std::io::Error::other("instance too large"));
+            }
+            incoming.write(bytes)
+        });
+        if too_large {
+            return Err(WebError::TooLarge {
+                url,
+                what: "WADO-RS instance",
+                key: "archive.dicomweb_max_instance_mb",
+                limit_mb: self.limits.instance_mb,
+            });
+        }
+        copied.map_err(|e| WebError::Body {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
         if incoming.bytes() < 132 {
             return Err(WebError::Body {
                 url,
@@ -331,6 +374,97 @@ mod tests {
         assert_eq!(encode("1.2.3,1.2.4"), "1.2.3,1.2.4");
         assert_eq!(encode("20240101-20240131"), "20240101-20240131");
         assert_eq!(encode("a b&c"), "a%20b%26c");
+    }
+
+    /// An HTTP server on loopback that answers one request with `head`, `prefix`, then
+    /// `body_len` bytes of filler (a hostile archive that answers without end, in short).
+    fn serve_once(head: String, prefix: Vec<u8>, body_len: usize) -> String {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let Ok((mut socket, _)) = listener.accept() else {
+                return;
+            };
+            let mut request = [0u8; 4096];
+            let _ = socket.read(&mut request);
+            let _ = socket.write_all(head.as_bytes());
+            let _ = socket.write_all(&prefix);
+            let chunk = vec![b'x'; 64 * 1024];
+            let mut left = body_len;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                if socket.write_all(&chunk[..n]).is_err() {
+                    return; // the client stopped reading: that is the point
+                }
+                left -= n;
+            }
+        });
+        format!("http://127.0.0.1:{port}/dicom-web")
+    }
+
+    fn client(base: &str) -> DicomWeb {
+        let limits = Limits {
+            search_mb: 1,
+            instance_mb: 1,
+        };
+        DicomWeb::new(base, Duration::from_secs(5), Duration::from_secs(5), limits)
+    }
+
+    #[test]
+    fn a_search_response_over_the_cap_is_refused_by_name() {
+        let len = 3 * MB as usize;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/dicom+json\r\nContent-Length: {len}\r\n\r\n"
+        );
+        let base = serve_once(head, b"[".to_vec(), len - 1);
+        let err = client(&base)
+            .search("studies", &[], &[], 1000)
+            .expect_err("a 3 MB page over a 1 MB cap");
+        assert!(
+            matches!(err, WebError::TooLarge { limit_mb: 1, .. }),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("archive.dicomweb_max_search_mb"), "{text}");
+        assert!(text.contains("QIDO-RS response"), "{text}");
+    }
+
+    #[test]
+    fn an_instance_over_the_cap_is_refused_and_its_file_removed() {
+        let spool_dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(spool_dir.path()).unwrap();
+        spool.expect(&["1.2.3".into()]);
+        // Chunked, no length: the cap must hold while the body streams in.
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: multipart/related; type=\"application/dicom\"; boundary=B\r\nConnection: close\r\n\r\n".to_string();
+        let base = serve_once(
+            head,
+            b"--B\r\nContent-Type: application/dicom\r\n\r\n".to_vec(),
+            4 * MB as usize,
+        );
+        let err = client(&base)
+            .retrieve_instance("1", "2", "1.2.3", &spool)
+            .expect_err("a 4 MB instance over a 1 MB cap");
+        let text = err.to_string();
+        assert!(
+            text.contains("archive.dicomweb_max_instance_mb (1 MB)"),
+            "{text}"
+        );
+        let left = files_under(spool_dir.path());
+        assert!(left.is_empty(), "nothing kept in the spool: {left:?}");
+    }
+
+    fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(files_under(&path));
+            } else {
+                out.push(path);
+            }
+        }
+        out
     }
 
     struct Slow<'a>(&'a [u8], usize);

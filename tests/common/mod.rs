@@ -36,6 +36,22 @@ pub fn text(out: &Output) -> String {
     )
 }
 
+/// Files `storescu -v` reports as acknowledged with a success status, from its log.
+pub fn storescu_acknowledged(storescu_log: &str) -> Vec<std::path::PathBuf> {
+    let mut current = None;
+    let mut out = Vec::new();
+    for line in storescu_log.lines() {
+        if let Some(f) = line.strip_prefix("I: Sending file: ") {
+            current = Some(std::path::PathBuf::from(f.trim()));
+        } else if line.contains("Received Store Response (Success)") {
+            if let Some(f) = current.take() {
+                out.push(f);
+            }
+        }
+    }
+    out
+}
+
 /// A multi-threaded runtime for the few async calls the tests make (database queries).
 pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
