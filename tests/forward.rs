@@ -903,6 +903,7 @@ fn a_copy_is_not_complete_at_the_destination_before_its_gate_opens() {
             host: "127.0.0.1".into(),
             port,
             calling_ae_title: "ANATOMY".into(),
+            tls: Default::default(),
         };
         let timeouts = Timeouts {
             connect: Duration::from_secs(5),
