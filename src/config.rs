@@ -453,6 +453,8 @@ pub struct AuditConfig {
     /// Events older than this many days are deleted (hourly) by the running node; 0 keeps
     /// every event (the default).
     pub retention_days: u32,
+    /// `[audit.syslog]`: each event also sent as a DICOM audit message (IHE ATNA).
+    pub syslog: crate::audit::syslog::SyslogConfig,
 }
 
 impl Config {
@@ -504,6 +506,7 @@ impl Config {
         self.mine.resolve_paths(base);
         self.archive.tls.resolve_paths(base);
         self.archive.move_tls.resolve_paths(base);
+        self.audit.syslog.resolve_paths(base);
         for d in &mut self.destinations {
             d.tls.resolve_paths(base);
         }
@@ -547,6 +550,7 @@ impl Config {
             }
         }
         self.dicom.tls.validate().map_err(ConfigError::Invalid)?;
+        self.audit.syslog.validate().map_err(ConfigError::Invalid)?;
         if self.dicom.max_associations == 0 {
             return Err(ConfigError::Invalid(
                 "dicom.max_associations must be at least 1".into(),

@@ -50,8 +50,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let dicom_tls = dicom_security(&config)?;
     let metrics = Arc::new(Metrics::new());
     let index = open_index(&config).await?;
-    let (audit, audit_writer) =
+    let (mut audit, audit_writer) =
         AuditLog::spawn(index.clone(), metrics.clone(), config.audit.retention_days);
+    let syslog = crate::audit::syslog::SyslogSender::start(
+        &config.audit.syslog,
+        &config.dicom.ae_title,
+        metrics.clone(),
+    )?;
+    let syslog_task = syslog.map(|(sender, task)| {
+        audit = audit.clone().with_syslog(sender);
+        task
+    });
     let writer = IndexWriter::spawn(index.clone(), config.database.batch_max);
     let store = Store::open(&config.storage, index.clone(), writer, metrics.clone())
         .with_context(|| format!("opening storage.path {}", config.storage.path.display()))?;
@@ -161,6 +170,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     audit.flush().await;
     drop(audit);
     let _ = tokio::time::timeout(Duration::from_secs(5), audit_writer).await;
+    if let Some(task) = syslog_task {
+        // What is still queued for the collector gets a moment to leave.
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
     index.close().await;
     info!("stopped");
     Ok(())

@@ -335,7 +335,7 @@ impl ServerTlsConfig {
 }
 
 /// Relative file names are taken from the configuration file's directory; empty is unset.
-fn resolve<const N: usize>(base: &Path, files: [&mut Option<PathBuf>; N]) {
+pub(crate) fn resolve<const N: usize>(base: &Path, files: [&mut Option<PathBuf>; N]) {
     for file in files {
         match file.as_mut() {
             Some(f) if f.as_os_str().is_empty() => *file = None,
