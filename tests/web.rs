@@ -2066,6 +2066,110 @@ fn https_with_a_test_ca_tls12_and_13_only() {
     );
 }
 
+/// One HTTPS connection that stays open (keep-alive), trusting `ca` only.
+fn https_connection(
+    port: u16,
+    ca: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use anatomy_node::net::{ClientTls, ClientTlsConfig};
+    let settings = ClientTlsConfig {
+        enabled: true,
+        ca_file: Some(ca.to_path_buf()),
+        ..ClientTlsConfig::default()
+    };
+    let tls = ClientTls::build(&settings, "localhost")
+        .expect("client TLS")
+        .expect("enabled");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let conn = rustls::ClientConnection::new(tls.config, name).expect("client connection");
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// `GET /healthz` on an open connection, leaving it open: the status.
+fn healthz_keep_alive<S: std::io::Read + std::io::Write>(stream: &mut S) -> u16 {
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("send");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("response");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length");
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).expect("body");
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn https_certificate_reloads_on_sighup_and_a_bad_file_keeps_the_old_one() {
+    let pki = tempfile::tempdir().expect("pki");
+    let old_ca = common::pki::Ca::new(pki.path(), "old-ca");
+    let new_ca = common::pki::Ca::new(pki.path(), "new-ca");
+    let (old, new) = (old_ca.server("old"), new_ca.server("new"));
+    let live_cert = pki.path().join("live.crt");
+    let live_key = pki.path().join("live.key");
+    std::fs::copy(&old.cert, &live_cert).expect("cert");
+    std::fs::copy(&old.key, &live_key).expect("key");
+    let node = Node::start_with(NodeOptions {
+        extra_http: format!(
+            "anonymous = true\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            live_cert.display(),
+            live_key.display()
+        ),
+        ..NodeOptions::default()
+    });
+    let base = format!("https://127.0.0.1:{}/healthz", node.http_port);
+    let trusts = |ca: &Path| {
+        curl(&["--cacert", &path_arg(ca), "-o", "/dev/null", &base])
+            .status
+            .success()
+    };
+    let mut open = https_connection(node.http_port, &old_ca.cert);
+    assert_eq!(healthz_keep_alive(&mut open), 200);
+    assert!(trusts(&old_ca.cert) && !trusts(&new_ca.cert));
+
+    std::fs::copy(&new.cert, &live_cert).expect("cert");
+    std::fs::copy(&new.key, &live_key).expect("key");
+    node.sighup();
+    assert!(
+        common::wait_until(10, || node.log().contains("HTTPS certificate reloaded")),
+        "reload logged:\n{}",
+        node.log()
+    );
+    // The connection opened before the reload goes on; new handshakes get the new certificate.
+    assert_eq!(healthz_keep_alive(&mut open), 200);
+    assert!(trusts(&new_ca.cert), "the new certificate after SIGHUP");
+    assert!(!trusts(&old_ca.cert), "the old certificate is gone");
+
+    // A broken file keeps the current certificate, and the failure is logged and audited.
+    std::fs::write(&live_cert, "not a certificate").expect("break");
+    node.sighup();
+    assert!(common::wait_until(10, || node
+        .log()
+        .contains("HTTPS reload failed")));
+    assert!(trusts(&new_ca.cert), "still the last good certificate");
+    let audited = |outcome: &str| {
+        node.index().count(&format!(
+            "SELECT COUNT(*) FROM audit_events WHERE event_type = 'config_reload' \
+             AND outcome = '{outcome}' AND object LIKE 'http.tls_cert %'"
+        ))
+    };
+    assert!(common::wait_until(10, || audited("success") == 1 && audited("failure") == 1));
+}
+
 /// `serve` with `config` (plus free ports on loopback for DICOM): it must refuse to start,
 /// and the error names `expected`.
 fn refuses_to_start(http: &str, expected: &[&str]) {

@@ -239,11 +239,20 @@ level = "info,anatomy_node=debug"
     }
 
     pub fn sigterm(&self) {
+        self.signal("-TERM");
+    }
+
+    /// SIGHUP: the node reloads its certificates.
+    pub fn sighup(&self) {
+        self.signal("-HUP");
+    }
+
+    fn signal(&self, which: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([which, &self.pid().to_string()])
             .status()
-            .expect("kill -TERM");
-        assert!(status.success());
+            .expect("kill");
+        assert!(status.success(), "kill {which}");
     }
 
     /// Wait for the process to end (after SIGTERM) and return its status.
