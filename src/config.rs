@@ -326,6 +326,11 @@ pub struct HttpConfig {
     pub tokens_file: Option<PathBuf>,
     /// OpenID Connect bearer JWTs.
     pub jwt: crate::web::auth::JwtConfig,
+    /// `/login`: this many failed sign-ins from one address within `login_window_secs`
+    /// lock it out (429) for `login_lockout_secs`; 0: no limit.
+    pub login_max_failures: u32,
+    pub login_window_secs: u64,
+    pub login_lockout_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -343,6 +348,9 @@ impl Default for HttpConfig {
             tokens: crate::web::auth::TokenList::default(),
             tokens_file: None,
             jwt: crate::web::auth::JwtConfig::default(),
+            login_max_failures: 5,
+            login_window_secs: 300,
+            login_lockout_secs: 300,
         }
     }
 }

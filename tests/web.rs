@@ -1526,13 +1526,17 @@ fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
-/// POST /login with a form: (status, Set-Cookie, body).
-fn login(node: &Node, token: &str) -> (u16, Vec<String>, String) {
-    let mut r = agent()
+fn post_login(node: &Node, token: &str) -> ureq::http::Response<ureq::Body> {
+    agent()
         .post(&url(node, "/login"))
         .header("Content-Type", "application/x-www-form-urlencoded")
         .send(format!("token={token}").as_bytes())
-        .expect("login");
+        .expect("login")
+}
+
+/// POST /login with a form: (status, Set-Cookie, body).
+fn login(node: &Node, token: &str) -> (u16, Vec<String>, String) {
+    let mut r = post_login(node, token);
     let cookies = r
         .headers()
         .get_all("set-cookie")
@@ -1542,6 +1546,67 @@ fn login(node: &Node, token: &str) -> (u16, Vec<String>, String) {
     let status = r.status().as_u16();
     let body = r.body_mut().read_to_string().unwrap_or_default();
     (status, cookies, body)
+}
+
+/// POST /login from this test's address: (status, Retry-After).
+fn login_retry_after(node: &Node, token: &str) -> (u16, Option<u64>) {
+    let r = post_login(node, token);
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    (r.status().as_u16(), retry)
+}
+
+#[test]
+fn failed_sign_ins_lock_the_address_out_of_login_for_a_while() {
+    let (reader, hash) = make_token("viewer", "read");
+    let node = Node::start_with(NodeOptions {
+        extra_http: format!(
+            "anonymous = false\ntokens = \"viewer:{hash}:read\"\n\
+             login_max_failures = 3\nlogin_window_secs = 60\nlogin_lockout_secs = 3\n"
+        ),
+        ..NodeOptions::default()
+    });
+    // A success clears the count: two failures, a success, two more failures stay below 3.
+    for _ in 0..2 {
+        assert_eq!(login_retry_after(&node, "anp_wrong").0, 401);
+    }
+    assert_eq!(login_retry_after(&node, &reader).0, 200);
+    for _ in 0..2 {
+        assert_eq!(login_retry_after(&node, "anp_wrong").0, 401);
+    }
+    assert_eq!(
+        login_retry_after(&node, "anp_wrong").0,
+        401,
+        "the third failure"
+    );
+    // Locked out: 429 with Retry-After, even with the right token.
+    let (status, retry) = login_retry_after(&node, &reader);
+    assert_eq!(status, 429);
+    assert!(retry.is_some_and(|s| (1..=3).contains(&s)), "{retry:?}");
+    // Bearer requests are not affected.
+    let r = get_with(
+        &node,
+        "/dicom-web/studies",
+        &[("Authorization", &bearer(&reader))],
+    );
+    assert_eq!(r.status, 200);
+    let refused = || {
+        node.index().count(
+            "SELECT COUNT(*) FROM audit_events WHERE event_type = 'auth_failure' \
+             AND outcome = 'refused' AND detail LIKE 'status 429%'",
+        )
+    };
+    assert!(
+        common::wait_until(10, || refused() >= 1),
+        "the lockout is audited"
+    );
+    // After the lockout the right token signs in again.
+    assert!(common::wait_until(8, || login_retry_after(&node, &reader)
+        .0
+        == 200));
 }
 
 /// Headless Chromium's DOM of `url` after scripts and navigations (5 s of virtual time).

@@ -884,6 +884,9 @@ pub async fn login(
     Form(form): Form<LoginForm>,
 ) -> Response {
     let peer = peer.map(|axum::Extension(ConnectInfo(p))| p.0);
+    if let Some(locked) = locked_out(&state, peer) {
+        return locked;
+    }
     let token = form.token.trim();
     let cookie_safe = token
         .bytes()
@@ -895,6 +898,9 @@ pub async fn login(
     };
     let refused = match principal {
         Ok(p) if p.has(Role::Read) => {
+            if let Some(peer) = peer {
+                state.login_limit.succeeded(peer.ip());
+            }
             tracing::info!(who = %p.name, "signed in to the web page");
             audit_request(
                 &state,
@@ -938,6 +944,11 @@ pub async fn login(
         Err(why) => Rejection::Invalid(why),
     };
     tracing::info!(reason = %refused, "web page sign-in refused");
+    if let (Rejection::Invalid(_), Some(peer)) = (&refused, peer) {
+        if state.login_limit.failed(peer.ip()) {
+            tracing::warn!(peer = %peer.ip(), "too many failed sign-ins: the address is locked out of /login for http.login_lockout_secs");
+        }
+    }
     let (event_type, outcome, who) = match &refused {
         Rejection::Forbidden { who, .. } => {
             (EventType::HttpRequest, Outcome::Refused, who.as_str())
@@ -954,6 +965,32 @@ pub async fn login(
         format!("sign-in refused: {refused}"),
     );
     refuse(&refused, true)
+}
+
+/// 429 with Retry-After (audited) while `peer` is locked out of `/login` after too many
+/// failed sign-ins; `None` when it may try.
+fn locked_out(state: &WebState, peer: Option<SocketAddr>) -> Option<Response> {
+    let peer = peer?;
+    let wait = state.login_limit.check(peer.ip()).err()?;
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    tracing::info!(peer = %peer.ip(), retry_after = secs, "sign-in refused: too many failed sign-ins from this address");
+    audit_request(
+        state,
+        Some(peer),
+        EventType::AuthFailure,
+        Outcome::Refused,
+        "unauthenticated",
+        "POST /login".into(),
+        format!("status 429: too many failed sign-ins from this address; retry after {secs} s"),
+    );
+    Some(
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, HeaderValue::from(secs))],
+            format!("Too many failed sign-ins from this address; try again in {secs} s.\n"),
+        )
+            .into_response(),
+    )
 }
 
 /// `POST /logout`: the cookie is cleared.
