@@ -526,6 +526,7 @@ impl Config {
             &mut self.http.tls_key,
             &mut self.http.tokens_file,
             &mut self.http.jwt.jwks_file,
+            &mut self.http.jwt.jwks_ca_file,
         ] {
             match file.as_mut() {
                 Some(f) if f.as_os_str().is_empty() => *file = None,

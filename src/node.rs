@@ -216,6 +216,7 @@ async fn start_http(
     if tls.is_none() && !http.bind.is_loopback() {
         warn!(%addr, "plain HTTP on a network address: tokens and patient data travel in clear; set http.tls_cert and http.tls_key, or put a TLS proxy in front");
     }
+    auth.spawn_key_refresh(shutdown.clone());
     let app = web::router(
         web::WebState::new(
             index.clone(),

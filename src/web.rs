@@ -7,6 +7,7 @@
 pub mod auth;
 mod error;
 pub mod json;
+pub mod jwks;
 pub mod login_limit;
 mod page;
 pub mod qido;

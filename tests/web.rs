@@ -2019,6 +2019,162 @@ fn jwts_are_checked_against_the_jwks() {
     );
 }
 
+/// A tiny HTTP server for a JWKS: it answers every GET with the current document (or 500
+/// when it is empty) and counts the requests.
+struct JwksServer {
+    port: u16,
+    document: std::sync::Arc<std::sync::Mutex<String>>,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl JwksServer {
+    fn start(document: &Value) -> JwksServer {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("JWKS server");
+        let port = listener.local_addr().expect("address").port();
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(document.to_string()));
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (doc, count) = (shared.clone(), hits.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut request = Vec::new();
+                let mut byte = [0u8; 1];
+                while !request.ends_with(b"\r\n\r\n") && stream.read_exact(&mut byte).is_ok() {
+                    request.push(byte[0]);
+                }
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let body = doc.lock().expect("document").clone();
+                let status = if body.is_empty() {
+                    "500 Internal Server Error"
+                } else {
+                    "200 OK"
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        JwksServer {
+            port,
+            document: shared,
+            hits,
+        }
+    }
+
+    fn serve(&self, document: Option<&Value>) {
+        *self.document.lock().expect("document") =
+            document.map(Value::to_string).unwrap_or_default();
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Two RSA keys (their directory, old, new) and a JWKS server with the old one as "k1".
+fn rotation_keys() -> (tempfile::TempDir, PathBuf, PathBuf, JwksServer) {
+    let keys = tempfile::tempdir().expect("keys");
+    let (old, new) = (rsa_key(keys.path(), "old"), rsa_key(keys.path(), "new"));
+    let server = JwksServer::start(&serde_json::json!({"keys": [rsa_jwk(&old, "k1")]}));
+    (keys, old, new, server)
+}
+
+/// A node that takes JWTs checked against `server`'s key set.
+fn jwks_url_node(server: &JwksServer, issuer: &str, refresh: u64, min_refresh: u64) -> Node {
+    Node::start_with(NodeOptions {
+        extra_http: "anonymous = false".into(),
+        http_tables: format!(
+            "[http.jwt]\njwks_url = \"http://127.0.0.1:{}/certs\"\nissuer = \"{issuer}\"\n\
+             audience = \"anatomy-node\"\njwks_refresh_secs = {refresh}\n\
+             jwks_min_refresh_secs = {min_refresh}\n",
+            server.port
+        ),
+        ..NodeOptions::default()
+    })
+}
+
+#[test]
+fn jwks_from_a_url_follows_key_rotation_with_rate_limited_fetches() {
+    let (_keys, old, new, server) = rotation_keys();
+    let issuer = "https://idp.example.test/realms/hospital";
+    let node = jwks_url_node(&server, issuer, 3600, 30);
+    let now = now_secs();
+    let claims = serde_json::json!({
+        "iss": issuer, "aud": "anatomy-node", "sub": "u-1", "exp": now + 300,
+        "realm_access": {"roles": ["read"]}
+    });
+    let status = |key: &Path, kid: &str| {
+        let token = sign_jwt(key, "RS256", kid, &claims);
+        let r = get_with(
+            &node,
+            "/dicom-web/studies",
+            &[("Authorization", &bearer(&token))],
+        );
+        (r.status, r.text())
+    };
+    assert_eq!(status(&old, "k1").0, 200, "the key fetched at start-up");
+    let fetched = server.hits();
+
+    // The provider rotates in a new key: a token naming it makes the node fetch the set.
+    server.serve(Some(&serde_json::json!({"keys": [rsa_jwk(&new, "k2")]})));
+    let (code, text) = status(&new, "k2");
+    assert_eq!(code, 200, "the rotated key: {text}");
+    assert_eq!(server.hits(), fetched + 1, "one fetch for the unknown kid");
+    assert_eq!(status(&old, "k1").0, 401, "the retired key is gone");
+
+    // Unknown kids again within jwks_min_refresh_secs: no fetch (a flood of made-up kids
+    // cannot make the node hammer the provider).
+    for kid in ["zz1", "zz2", "zz3"] {
+        assert_eq!(status(&new, kid).0, 401);
+    }
+    assert_eq!(
+        server.hits(),
+        fetched + 1,
+        "unknown-kid fetches are rate-limited"
+    );
+    assert_eq!(status(&new, "k2").0, 200);
+}
+
+#[test]
+fn a_failing_jwks_url_keeps_the_last_good_set_and_periodic_refresh_recovers() {
+    let (_keys, old, new, server) = rotation_keys();
+    let issuer = "https://idp.example.test";
+    let node = jwks_url_node(&server, issuer, 1, 3600);
+    let claims = serde_json::json!({
+        "iss": issuer, "aud": "anatomy-node", "sub": "u-1", "exp": now_secs() + 300,
+        "realm_access": {"roles": ["read"]}
+    });
+    let status = |key: &Path, kid: &str| {
+        let token = sign_jwt(key, "RS256", kid, &claims);
+        get_with(
+            &node,
+            "/dicom-web/studies",
+            &[("Authorization", &bearer(&token))],
+        )
+        .status
+    };
+    assert_eq!(status(&old, "k1"), 200);
+    server.serve(None);
+    // The one unknown-kid fetch an hour is spent here (and fails): what recovers below is
+    // the periodic refresh.
+    assert_eq!(status(&new, "k2"), 401);
+    let failing_since = server.hits();
+    assert!(common::wait_until(10, || server.hits() >= failing_since + 2));
+    assert_eq!(status(&old, "k1"), 200, "the last good set stays in use");
+    assert!(
+        node.log().contains("JWKS fetch failed"),
+        "the failure is logged"
+    );
+    server.serve(Some(&serde_json::json!({"keys": [rsa_jwk(&new, "k2")]})));
+    assert!(
+        common::wait_until(10, || status(&new, "k2") == 200),
+        "the periodic refresh picks up the new set"
+    );
+}
+
 /// A test CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert, key).
 fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let ca = common::pki::Ca::new(dir, "anatomy-node-test-ca");
