@@ -512,8 +512,7 @@ impl Config {
             self.classifier.model = base.join(&self.classifier.model);
         }
         self.mine.resolve_paths(base);
-        self.archive.tls.resolve_paths(base);
-        self.archive.move_tls.resolve_paths(base);
+        self.archive.resolve_paths(base);
         self.audit.syslog.resolve_paths(base);
         for d in &mut self.destinations {
             d.tls.resolve_paths(base);

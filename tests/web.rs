@@ -2190,19 +2190,26 @@ fn curl(args: &[&str]) -> std::process::Output {
         .expect("run curl (apt package curl)")
 }
 
-#[test]
-fn https_with_a_test_ca_tls12_and_13_only() {
-    let pki = tempfile::tempdir().expect("pki");
-    let (ca, cert, key) = test_pki(pki.path());
-    let (reader, hash) = make_token("viewer", "read");
+/// A node speaking HTTPS with a test CA in `pki` and one token `name` of role read:
+/// (the CA file, the token, the node).
+fn https_node(pki: &Path, name: &str) -> (PathBuf, String, Node) {
+    let (ca, cert, key) = test_pki(pki);
+    let (reader, hash) = make_token(name, "read");
     let node = Node::start_with(NodeOptions {
         extra_http: format!(
-            "anonymous = false\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntokens = \"viewer:{hash}:read\"\n",
+            "anonymous = false\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntokens = \"{name}:{hash}:read\"\n",
             cert.display(),
             key.display()
         ),
         ..NodeOptions::default()
     });
+    (ca, reader, node)
+}
+
+#[test]
+fn https_with_a_test_ca_tls12_and_13_only() {
+    let pki = tempfile::tempdir().expect("pki");
+    let (ca, reader, node) = https_node(pki.path(), "viewer");
     let base = format!("https://127.0.0.1:{}", node.http_port);
     let ca_arg = path_arg(&ca);
     let auth = format!("Authorization: Bearer {reader}");
@@ -2285,6 +2292,41 @@ fn https_with_a_test_ca_tls12_and_13_only() {
             && cookie.contains("samesite=strict"),
         "{cookie}"
     );
+}
+
+#[test]
+fn the_mining_dicomweb_client_sends_its_token_and_checks_the_archive_certificate() {
+    use anatomy_node::mine::web::{DicomWeb, WebSecurity};
+    use anatomy_node::mine::ArchiveConfig;
+    let pki = tempfile::tempdir().expect("pki");
+    let (ca, reader, node) = https_node(pki.path(), "miner");
+    let other_ca = common::pki::Ca::new(pki.path(), "other-ca");
+    let token_file = pki.path().join("archive-token");
+    std::fs::write(&token_file, format!("{reader}\n")).expect("token file");
+    let archive = |token_file: Option<&Path>, ca: &Path| ArchiveConfig {
+        dicomweb_url: format!("https://localhost:{}/dicom-web", node.http_port),
+        dicomweb_token_file: token_file.map(Path::to_path_buf),
+        dicomweb_ca_file: Some(ca.to_path_buf()),
+        ..ArchiveConfig::default()
+    };
+    let search = |config: &ArchiveConfig| {
+        let security: WebSecurity = config.web_security().expect("web security");
+        let client = DicomWeb::new(
+            &config.dicomweb_url,
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_secs(10),
+            security,
+        );
+        client.search("studies", &[], &[], 100).map(|a| a.len())
+    };
+    assert_eq!(
+        search(&archive(Some(&token_file), &ca)).expect("QIDO-RS with the token over HTTPS"),
+        0
+    );
+    let err = search(&archive(None, &ca)).expect_err("no token");
+    assert!(err.to_string().contains("401"), "{err}");
+    let err = search(&archive(Some(&token_file), &other_ca.cert)).expect_err("another CA");
+    assert!(!err.to_string().contains("HTTP 200"), "{err}");
 }
 
 /// One HTTPS connection that stays open (keep-alive), trusting `ca` only.

@@ -241,6 +241,7 @@ impl Archive {
                     &archive.dicomweb_url,
                     timeouts.connect,
                     timeouts.dimse,
+                    archive.web_security().map_err(ArchiveError::Other)?,
                 ))),
                 format!("DICOMweb {}", archive.dicomweb_url),
             ),
