@@ -1,7 +1,7 @@
 //! IHE ATNA export (`[audit.syslog]`): a real node sends DICOM audit messages (PS3.15 A.5)
 //! in RFC 5424 syslog messages to a collector the test runs on loopback: over UDP (one
-//! datagram each), over TLS (RFC 5425 octet-counted frames, a rustls server with
-//! certificates made by openssl), and to a dead collector, which must not hold back a
+//! datagram each, configured from the environment), over mutual TLS (RFC 5425 octet-counted
+//! frames, a rustls server with certificates made by openssl), and to a dead collector, which must not hold back a
 //! C-STORE (the messages it misses are counted).
 
 mod common;
@@ -9,7 +9,6 @@ mod common;
 use std::io::Read;
 use std::net::{TcpListener, UdpSocket};
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::node::{Node, NodeOptions, AE};
@@ -102,7 +101,15 @@ fn udp_collector_receives_dicom_audit_messages() {
             }
         }
     });
-    let node = node_with_syslog(&format!("transport = \"udp\"\naddress = \"{addr}\""));
+    // Configured from the environment, as every key can be.
+    let node = Node::start_with(NodeOptions {
+        env: vec![
+            ("ANATOMY_AUDIT__SYSLOG__ENABLED".into(), "true".into()),
+            ("ANATOMY_AUDIT__SYSLOG__TRANSPORT".into(), "udp".into()),
+            ("ANATOMY_AUDIT__SYSLOG__ADDRESS".into(), addr.to_string()),
+        ],
+        ..NodeOptions::default()
+    });
 
     let out = node.echoscu("ECHOSCU", AE);
     assert!(out.status.success(), "{}", common::text(&out));
@@ -130,20 +137,27 @@ fn udp_collector_receives_dicom_audit_messages() {
     );
 }
 
-/// A one-connection TLS syslog collector: each RFC 5425 frame, as it arrives.
-fn tls_collector(pki: &std::path::Path) -> (u16, String, mpsc::Receiver<Vec<u8>>) {
-    let ca = common::pki::Ca::new(pki, "arr-ca");
+/// A TLS syslog collector that requires a client certificate from `ca`: each RFC 5425
+/// frame, as it arrives.
+fn tls_collector(ca: &common::pki::Ca) -> (u16, mpsc::Receiver<Vec<u8>>) {
     let server = ca.server("arr");
-    let config = anatomy_node::net::tls::single_cert_server(&server.cert, &server.key)
-        .expect("collector TLS configuration");
-    let config = Arc::new(config);
+    let tls = anatomy_node::net::ServerTls::load(anatomy_node::net::ServerFiles {
+        cert: server.cert,
+        key: server.key,
+        client_ca: Some(ca.cert.clone()),
+        require_client_cert: true,
+    })
+    .expect("collector TLS configuration");
     let listener = TcpListener::bind("127.0.0.1:0").expect("TLS collector");
     let port = listener.local_addr().expect("address").port();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for tcp in listener.incoming() {
             let Ok(tcp) = tcp else { return };
-            let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+            let Ok((config, _)) = tls.for_connection() else {
+                return;
+            };
+            let Ok(conn) = rustls::ServerConnection::new(config) else {
                 return;
             };
             let mut stream = rustls::StreamOwned::new(conn, tcp);
@@ -154,7 +168,7 @@ fn tls_collector(pki: &std::path::Path) -> (u16, String, mpsc::Receiver<Vec<u8>>
             }
         }
     });
-    (port, ca.cert.display().to_string(), rx)
+    (port, rx)
 }
 
 /// `LENGTH SP MESSAGE` (RFC 5425 octet counting); `None` at the end of the stream.
@@ -178,9 +192,16 @@ fn read_frame(stream: &mut impl Read) -> Option<Vec<u8>> {
 #[test]
 fn tls_collector_receives_octet_counted_frames() {
     let pki = tempfile::tempdir().expect("pki");
-    let (port, ca, rx) = tls_collector(pki.path());
+    let ca = common::pki::Ca::new(pki.path(), "arr-ca");
+    let (port, rx) = tls_collector(&ca);
+    // Mutual TLS: the collector only takes the node's client certificate.
+    let client = ca.client("anatomy-node");
     let node = node_with_syslog(&format!(
-        "transport = \"tls\"\naddress = \"127.0.0.1:{port}\"\nca_file = \"{ca}\"\nserver_name = \"localhost\""
+        "transport = \"tls\"\naddress = \"127.0.0.1:{port}\"\nca_file = \"{}\"\n\
+         server_name = \"localhost\"\ncert = \"{}\"\nkey = \"{}\"",
+        ca.cert.display(),
+        client.cert.display(),
+        client.key.display()
     ));
     let out = node.echoscu("ECHOSCU", AE);
     assert!(out.status.success(), "{}", common::text(&out));
