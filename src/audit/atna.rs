@@ -128,41 +128,45 @@ pub fn message(event: &AuditEvent, source: &Source) -> String {
     xml
 }
 
-/// The peer (actor) and the node. For transfers, the sender is the source and the receiver
-/// the destination; otherwise the peer is the requestor.
+/// The peer and the node. In a transfer the sender has the Source role and the receiver the
+/// Destination role; otherwise the peer (the actor) is the requestor.
 fn participants(xml: &mut String, event: &AuditEvent, source: &Source) {
-    let (peer_role, node_role) = match event.event_type {
-        EventType::InstancesReceived => (Some(SOURCE), Some(DESTINATION)),
-        EventType::Forward => (Some(DESTINATION), Some(SOURCE)),
-        _ => (None, None),
-    };
-    let node_requests = matches!(
-        event.event_type,
-        EventType::Forward | EventType::NodeStart | EventType::NodeStop | EventType::ConfigReload
-    );
-    let is_node_event = node_requests && event.actor == "node";
-    if !is_node_event {
-        let peer_host = event.peer.as_deref().map(host_of);
-        active_participant(
-            xml,
-            &event.actor,
-            event.cert_subject.as_deref(),
-            !node_requests,
-            peer_host,
-            peer_role,
-        );
+    let peer_host = event.peer.as_deref().map(host_of);
+    let actor = event.actor.as_str();
+    let cert = event.cert_subject.as_deref();
+    match event.event_type {
+        EventType::Forward => {
+            // The node (as its calling AE title, the actor) sends to the destination.
+            let destination = event.object.as_deref().unwrap_or("?");
+            active_participant(xml, destination, None, false, peer_host, Some(DESTINATION));
+            node_participant(xml, actor, source, true, SOURCE);
+        }
+        EventType::NodeStart | EventType::NodeStop | EventType::ConfigReload => {
+            node_participant(xml, &source.ae_title, source, true, APPLICATION);
+        }
+        EventType::InstancesReceived => {
+            active_participant(xml, actor, cert, true, peer_host, Some(SOURCE));
+            node_participant(xml, &source.ae_title, source, false, DESTINATION);
+        }
+        _ => {
+            active_participant(xml, actor, cert, true, peer_host, None);
+            node_participant(xml, &source.ae_title, source, false, APPLICATION);
+        }
     }
+}
+
+/// The node itself: `user` (an AE title), its process id, its host.
+fn node_participant(xml: &mut String, user: &str, source: &Source, requestor: bool, role: Code) {
     let _ = write!(
         xml,
-        "<ActiveParticipant UserID=\"{}\" AlternativeUserID=\"{}\" UserIsRequestor=\"{}\" \
+        "<ActiveParticipant UserID=\"{}\" AlternativeUserID=\"{}\" UserIsRequestor=\"{requestor}\" \
          NetworkAccessPointID=\"{}\" NetworkAccessPointTypeCode=\"{}\">",
-        escape(&source.ae_title),
+        escape(user),
         std::process::id(),
-        node_requests,
         escape(&source.host),
         access_point_type(&source.host)
     );
-    code_element(xml, "RoleIDCode", node_role.unwrap_or(APPLICATION));
+    code_element(xml, "RoleIDCode", role);
     xml.push_str("</ActiveParticipant>");
 }
 
@@ -390,6 +394,20 @@ mod tests {
         let stow = AuditEvent::new(EventType::HttpRequest, Outcome::Success, "token t")
             .object("POST /dicom-web/studies");
         assert_eq!(classify(&stow).0, INSTANCES_TRANSFERRED);
+    }
+
+    #[test]
+    fn a_forward_has_the_node_as_source_and_the_destination_as_destination() {
+        let e = AuditEvent::new(EventType::Forward, Outcome::Success, "ANATOMY_FWD")
+            .peer("10.0.0.9:104")
+            .object("LUNG_CAD");
+        let xml = message(&e, &source());
+        let dest = xml.find("UserID=\"LUNG_CAD\"").expect("destination");
+        let node = xml.find("UserID=\"ANATOMY_FWD\"").expect("node");
+        let dest_role = xml[dest..].find("110152").expect("destination role") + dest;
+        assert!(dest_role < node, "{xml}");
+        assert!(xml[node..].contains("110153"), "{xml}");
+        assert!(xml.contains("NetworkAccessPointID=\"10.0.0.9\""));
     }
 
     #[test]
