@@ -33,8 +33,9 @@ fn split_message(raw: &[u8]) -> (String, String) {
     (parts[..7].join(" "), xml.to_string())
 }
 
-/// The EventID code and outcome of a DICOM audit message (the XML must parse).
-fn event_of(xml: &str) -> (String, String) {
+/// The EventID code, the outcome and the UserIDs of a DICOM audit message (the XML must
+/// parse).
+fn event_of(xml: &str) -> Event {
     let doc = roxmltree::Document::parse(xml).unwrap_or_else(|e| panic!("{e}: {xml}"));
     let root = doc.root_element();
     assert_eq!(root.tag_name().name(), "AuditMessage");
@@ -51,20 +52,26 @@ fn event_of(xml: &str) -> (String, String) {
         .children()
         .any(|n| n.has_tag_name("AuditSourceIdentification")
             && n.attribute("AuditSourceID") == Some(AE)));
+    let users = root
+        .children()
+        .filter(|n| n.has_tag_name("ActiveParticipant"))
+        .filter_map(|n| n.attribute("UserID").map(str::to_string))
+        .collect();
     (
         id.attribute("csd-code").unwrap_or_default().to_string(),
         ident
             .attribute("EventOutcomeIndicator")
             .unwrap_or_default()
             .to_string(),
+        users,
     )
 }
 
+/// EventID code, EventOutcomeIndicator, the UserIDs of the ActiveParticipants.
+type Event = (String, String, Vec<String>);
+
 /// Collect messages from `rx` until `done` holds for them (or 20 s pass).
-fn collect(
-    rx: &mpsc::Receiver<Vec<u8>>,
-    done: impl Fn(&[(String, String)]) -> bool,
-) -> Vec<(String, String)> {
+fn collect(rx: &mpsc::Receiver<Vec<u8>>, done: impl Fn(&[Event]) -> bool) -> Vec<Event> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut events = Vec::new();
     while Instant::now() < deadline && !done(&events) {
@@ -76,8 +83,15 @@ fn collect(
     events
 }
 
-fn has(events: &[(String, String)], code: &str, outcome: &str) -> bool {
-    events.iter().any(|(c, o)| c == code && o == outcome)
+fn has(events: &[Event], code: &str, outcome: &str) -> bool {
+    events.iter().any(|(c, o, _)| c == code && o == outcome)
+}
+
+/// An event of `code` and `outcome` with `user` among its participants.
+fn has_user(events: &[Event], code: &str, outcome: &str, user: &str) -> bool {
+    events
+        .iter()
+        .any(|(c, o, users)| c == code && o == outcome && users.iter().any(|u| u == user))
 }
 
 fn node_with_syslog(section: &str) -> Node {
@@ -119,8 +133,16 @@ fn udp_collector_receives_dicom_audit_messages() {
     let out = node.storescu(&[], &files);
     assert!(out.status.success(), "{}", common::text(&out));
 
+    assert_eq!(
+        node.http_status("/dicom-web/studies", Some("anp_nobody")),
+        401
+    );
+
     let events = collect(&rx, |e| {
-        has(e, "110114", "0") && has(e, "110114", "4") && has(e, "110104", "0")
+        has(e, "110114", "0")
+            && has_user(e, "110114", "4", "STRANGER")
+            && has_user(e, "110114", "4", "unauthenticated")
+            && has(e, "110104", "0")
     });
     assert!(has(&events, "110100", "0"), "application start: {events:?}");
     assert!(
@@ -128,8 +150,12 @@ fn udp_collector_receives_dicom_audit_messages() {
         "accepted association: {events:?}"
     );
     assert!(
-        has(&events, "110114", "4"),
+        has_user(&events, "110114", "4", "STRANGER"),
         "refused association: {events:?}"
+    );
+    assert!(
+        has_user(&events, "110114", "4", "unauthenticated"),
+        "refused HTTP credentials: {events:?}"
     );
     assert!(
         has(&events, "110104", "0"),

@@ -105,9 +105,18 @@ impl JwksUrl {
         })
     }
 
-    /// The first fetch, at start-up (blocking: the port is not open yet).
+    /// The first fetch, at start-up (blocking: the port is not open yet). On a worker of
+    /// the multi-threaded runtime the worker is handed over for the wait.
     pub(super) fn fetch_now(&self) {
-        self.install(fetch(&self.agent, &self.url), "start-up");
+        let fetch_it = || fetch(&self.agent, &self.url);
+        let multi_threaded = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let fetched = if multi_threaded {
+            tokio::task::block_in_place(fetch_it)
+        } else {
+            fetch_it()
+        };
+        self.install(fetched, "start-up");
     }
 
     /// Fetch again for a token whose `kid` the set does not hold, unless a fetch for an
