@@ -2027,9 +2027,45 @@ struct JwksServer {
     hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// Read one request on `stream`, answer it with the document (500 when empty), count it.
+fn answer(
+    stream: &mut (impl std::io::Read + std::io::Write),
+    doc: &std::sync::Mutex<String>,
+    count: &std::sync::atomic::AtomicUsize,
+) {
+    let mut request = Vec::new();
+    let mut byte = [0u8; 1];
+    while !request.ends_with(b"\r\n\r\n") && stream.read_exact(&mut byte).is_ok() {
+        request.push(byte[0]);
+    }
+    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let body = doc.lock().expect("document").clone();
+    let status = if body.is_empty() {
+        "500 Internal Server Error"
+    } else {
+        "200 OK"
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.flush();
+}
+
 impl JwksServer {
     fn start(document: &Value) -> JwksServer {
-        use std::io::{Read, Write};
+        JwksServer::start_tls(document, None)
+    }
+
+    /// With `tls` (a certificate and its key), HTTPS.
+    fn start_tls(document: &Value, tls: Option<(&Path, &Path)>) -> JwksServer {
+        let tls = tls.map(|(cert, key)| {
+            std::sync::Arc::new(
+                anatomy_node::net::tls::single_cert_server(cert, key).expect("server TLS"),
+            )
+        });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("JWKS server");
         let port = listener.local_addr().expect("address").port();
         let shared = std::sync::Arc::new(std::sync::Mutex::new(document.to_string()));
@@ -2037,24 +2073,16 @@ impl JwksServer {
         let (doc, count) = (shared.clone(), hits.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { return };
-                let mut request = Vec::new();
-                let mut byte = [0u8; 1];
-                while !request.ends_with(b"\r\n\r\n") && stream.read_exact(&mut byte).is_ok() {
-                    request.push(byte[0]);
+                let Ok(mut tcp) = stream else { return };
+                match &tls {
+                    Some(config) => {
+                        let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                            return;
+                        };
+                        answer(&mut rustls::StreamOwned::new(conn, tcp), &doc, &count);
+                    }
+                    None => answer(&mut tcp, &doc, &count),
                 }
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let body = doc.lock().expect("document").clone();
-                let status = if body.is_empty() {
-                    "500 Internal Server Error"
-                } else {
-                    "200 OK"
-                };
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
             }
         });
         JwksServer {
@@ -2136,6 +2164,41 @@ fn jwks_from_a_url_follows_key_rotation_with_rate_limited_fetches() {
         "unknown-kid fetches are rate-limited"
     );
     assert_eq!(status(&new, "k2").0, 200);
+}
+
+#[test]
+fn jwks_over_https_is_verified_against_the_ca_file() {
+    let pki = tempfile::tempdir().expect("pki");
+    let ca = common::pki::Ca::new(pki.path(), "idp-ca");
+    let idp = ca.server("idp");
+    let key = rsa_key(pki.path(), "idp-key");
+    let server = JwksServer::start_tls(
+        &serde_json::json!({"keys": [rsa_jwk(&key, "k1")]}),
+        Some((&idp.cert, &idp.key)),
+    );
+    let issuer = "https://idp.example.test";
+    let node = Node::start_with(NodeOptions {
+        extra_http: "anonymous = false".into(),
+        http_tables: format!(
+            "[http.jwt]\njwks_url = \"https://localhost:{}/certs\"\njwks_ca_file = \"{}\"\n\
+             issuer = \"{issuer}\"\naudience = \"anatomy-node\"\n",
+            server.port,
+            ca.cert.display()
+        ),
+        ..NodeOptions::default()
+    });
+    let claims = serde_json::json!({
+        "iss": issuer, "aud": "anatomy-node", "sub": "u-1", "exp": now_secs() + 300,
+        "realm_access": {"roles": ["read"]}
+    });
+    let token = sign_jwt(&key, "RS256", "k1", &claims);
+    let r = get_with(
+        &node,
+        "/dicom-web/studies",
+        &[("Authorization", &bearer(&token))],
+    );
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), node.log());
+    assert!(server.hits() >= 1);
 }
 
 #[test]
