@@ -326,6 +326,11 @@ pub struct HttpConfig {
     pub tokens_file: Option<PathBuf>,
     /// OpenID Connect bearer JWTs.
     pub jwt: crate::web::auth::JwtConfig,
+    /// `/login`: this many failed sign-ins from one address within `login_window_secs`
+    /// lock it out (429) for `login_lockout_secs`; 0: no limit.
+    pub login_max_failures: u32,
+    pub login_window_secs: u64,
+    pub login_lockout_secs: u64,
 }
 
 impl Default for HttpConfig {
@@ -343,6 +348,9 @@ impl Default for HttpConfig {
             tokens: crate::web::auth::TokenList::default(),
             tokens_file: None,
             jwt: crate::web::auth::JwtConfig::default(),
+            login_max_failures: 5,
+            login_window_secs: 300,
+            login_lockout_secs: 300,
         }
     }
 }
@@ -453,6 +461,8 @@ pub struct AuditConfig {
     /// Events older than this many days are deleted (hourly) by the running node; 0 keeps
     /// every event (the default).
     pub retention_days: u32,
+    /// `[audit.syslog]`: each event also sent as a DICOM audit message (IHE ATNA).
+    pub syslog: crate::audit::syslog::SyslogConfig,
 }
 
 impl Config {
@@ -502,8 +512,8 @@ impl Config {
             self.classifier.model = base.join(&self.classifier.model);
         }
         self.mine.resolve_paths(base);
-        self.archive.tls.resolve_paths(base);
-        self.archive.move_tls.resolve_paths(base);
+        self.archive.resolve_paths(base);
+        self.audit.syslog.resolve_paths(base);
         for d in &mut self.destinations {
             d.tls.resolve_paths(base);
         }
@@ -515,6 +525,7 @@ impl Config {
             &mut self.http.tls_key,
             &mut self.http.tokens_file,
             &mut self.http.jwt.jwks_file,
+            &mut self.http.jwt.jwks_ca_file,
         ] {
             match file.as_mut() {
                 Some(f) if f.as_os_str().is_empty() => *file = None,
@@ -547,6 +558,7 @@ impl Config {
             }
         }
         self.dicom.tls.validate().map_err(ConfigError::Invalid)?;
+        self.audit.syslog.validate().map_err(ConfigError::Invalid)?;
         if self.dicom.max_associations == 0 {
             return Err(ConfigError::Invalid(
                 "dicom.max_associations must be at least 1".into(),

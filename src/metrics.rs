@@ -35,6 +35,10 @@ pub struct Metrics {
     pub forward: crate::forward::metrics::ForwardMetrics,
     /// Audit events dropped because the audit writer could not keep up (`audit`).
     pub audit_dropped: Counter,
+    /// Audit messages not sent to the syslog collector (`[audit.syslog]`): queue full.
+    pub audit_syslog_dropped: Counter,
+    /// Audit messages sent to the syslog collector.
+    pub audit_syslog_sent: Counter,
 }
 
 impl Default for Metrics {
@@ -119,9 +123,23 @@ impl Metrics {
             "Audit events dropped because the audit writer's queue was full (never blocks a C-STORE)",
             audit_dropped.clone(),
         );
+        let audit_syslog_dropped = Counter::default();
+        registry.register(
+            "audit_syslog_messages_dropped",
+            "DICOM audit messages not sent to the syslog collector because its queue was full (collector down or slow)",
+            audit_syslog_dropped.clone(),
+        );
+        let audit_syslog_sent = Counter::default();
+        registry.register(
+            "audit_syslog_messages_sent",
+            "DICOM audit messages written to the syslog collector (UDP datagrams or TLS frames)",
+            audit_syslog_sent.clone(),
+        );
         Self {
             registry,
             audit_dropped,
+            audit_syslog_dropped,
+            audit_syslog_sent,
             forward,
             series_labels,
             classification_seconds,

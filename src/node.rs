@@ -70,10 +70,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None
     };
     let dicom_tls = dicom_security(&config)?;
+    let https_cert = http_security.as_ref().and_then(|(_, tls)| tls.clone());
     let metrics = Arc::new(Metrics::new());
     let index = open_index(&config).await?;
-    let (audit, audit_writer) =
+    let (mut audit, audit_writer) =
         AuditLog::spawn(index.clone(), metrics.clone(), config.audit.retention_days);
+    let syslog = crate::audit::syslog::SyslogSender::start(
+        &config.audit.syslog,
+        &config.dicom.ae_title,
+        metrics.clone(),
+    )?;
+    let syslog_task = syslog.map(|(sender, task)| {
+        audit = audit.clone().with_syslog(sender);
+        task
+    });
     let writer = IndexWriter::spawn(index.clone(), config.database.batch_max);
     let store = Store::open(&config.storage, index.clone(), writer, metrics.clone())
         .with_context(|| format!("opening storage.path {}", config.storage.path.display()))?;
@@ -153,7 +163,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .map(|l| tokio::spawn(l.run(shutdown.clone(), tasks.clone())))
         .collect();
 
-    wait_for_signal(dicom_tls.as_deref(), &audit).await?;
+    wait_for_signal(dicom_tls.as_deref(), https_cert.as_deref(), &audit).await?;
     info!("shutdown requested: no new associations; finishing in-flight C-STOREs");
     shutdown.cancel();
     tasks.close();
@@ -185,18 +195,25 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     audit.flush().await;
     drop(audit);
     let _ = tokio::time::timeout(Duration::from_secs(5), audit_writer).await;
+    if let Some(task) = syslog_task {
+        // What is still queued for the collector gets a moment to leave.
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
     index.close().await;
     info!("stopped");
     Ok(())
 }
 
 /// What the HTTP port checks credentials with, and its TLS configuration (HTTPS).
-type HttpSecurity = (web::auth::Authenticator, Option<Arc<rustls::ServerConfig>>);
+type HttpSecurity = (
+    web::auth::Authenticator,
+    Option<Arc<web::tls::HttpsCertificate>>,
+);
 
 fn http_security(http: &crate::config::HttpConfig) -> anyhow::Result<HttpSecurity> {
     let auth = web::auth::Authenticator::from_config(http)?;
     let tls = match (&http.tls_cert, &http.tls_key) {
-        (Some(cert), Some(key)) => Some(web::tls::server_config(cert, key)?),
+        (Some(cert), Some(key)) => Some(Arc::new(web::tls::HttpsCertificate::load(cert, key)?)),
         _ => None,
     };
     Ok((auth, tls))
@@ -223,6 +240,7 @@ async fn start_http(
     if tls.is_none() && !http.bind.is_loopback() {
         warn!(%addr, "plain HTTP on a network address: tokens and patient data travel in clear; set http.tls_cert and http.tls_key, or put a TLS proxy in front");
     }
+    auth.spawn_key_refresh(shutdown.clone());
     let app = web::router(
         web::WebState::new(
             index.clone(),
@@ -373,8 +391,13 @@ async fn bind_dicom(
 }
 
 /// Wait for SIGTERM or SIGINT. SIGHUP meanwhile reloads the DICOM TLS certificate, key and
-/// client CA: new handshakes use them, open associations go on with their session.
-async fn wait_for_signal(tls: Option<&ServerTls>, audit: &AuditLog) -> anyhow::Result<()> {
+/// client CA, and the HTTPS certificate and key: new handshakes use them, open associations
+/// and connections go on with their session.
+async fn wait_for_signal(
+    dicom: Option<&ServerTls>,
+    https: Option<&web::tls::HttpsCertificate>,
+    audit: &AuditLog,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -383,32 +406,52 @@ async fn wait_for_signal(tls: Option<&ServerTls>, audit: &AuditLog) -> anyhow::R
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => reload_tls(tls, audit),
+            _ = hup.recv() => reload_certificates(dicom, https, audit),
         }
     }
 }
 
-fn reload_tls(tls: Option<&ServerTls>, audit: &AuditLog) {
-    let Some(tls) = tls else {
-        info!("SIGHUP: no dicom.tls to reload");
-        return;
-    };
-    let (outcome, detail) = match tls.reload() {
+fn reload_certificates(
+    dicom: Option<&ServerTls>,
+    https: Option<&web::tls::HttpsCertificate>,
+    audit: &AuditLog,
+) {
+    if dicom.is_none() && https.is_none() {
+        info!("SIGHUP: no dicom.tls or http.tls_cert to reload");
+    }
+    if let Some(tls) = dicom {
+        let object = format!("dicom.tls.cert {}", tls.files().cert.display());
+        let done = tls.reload().map_err(|e| e.to_string());
+        reloaded(
+            "DICOM TLS",
+            "certificate, key and client CA",
+            object,
+            done,
+            audit,
+        );
+    }
+    if let Some(tls) = https {
+        let object = format!("http.tls_cert {}", tls.cert_path().display());
+        let done = tls.reload().map_err(|e| e.to_string());
+        reloaded("HTTPS", "certificate and key", object, done, audit);
+    }
+}
+
+/// Log and audit one reload; `what` names the port ("DICOM TLS", "HTTPS").
+fn reloaded(what: &str, files: &str, object: String, done: Result<(), String>, audit: &AuditLog) {
+    let (outcome, detail) = match done {
         Ok(()) => {
-            info!(cert = %tls.files().cert.display(), "SIGHUP: DICOM TLS certificate reloaded");
-            (
-                Outcome::Success,
-                "DICOM TLS certificate, key and client CA reloaded".to_string(),
-            )
+            info!(file = %object, "SIGHUP: {what} certificate reloaded");
+            (Outcome::Success, format!("{what} {files} reloaded"))
         }
         Err(e) => {
-            error!(error = %e, "SIGHUP: DICOM TLS reload failed; the previous certificate stays in use");
-            (Outcome::Failure, format!("DICOM TLS reload failed: {e}"))
+            error!(error = %e, "SIGHUP: {what} reload failed; the previous certificate stays in use");
+            (Outcome::Failure, format!("{what} reload failed: {e}"))
         }
     };
     audit.record(
         AuditEvent::new(EventType::ConfigReload, outcome, "node")
-            .object(format!("dicom.tls.cert {}", tls.files().cert.display()))
+            .object(object)
             .detail(detail),
     );
 }

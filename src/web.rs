@@ -7,6 +7,8 @@
 pub mod auth;
 mod error;
 pub mod json;
+pub mod jwks;
+pub mod login_limit;
 mod page;
 pub mod qido;
 pub mod render;
@@ -70,6 +72,8 @@ pub struct WebState {
     pub auth: Arc<auth::Authenticator>,
     /// The audit trail (requests, authentication failures).
     pub audit: crate::audit::AuditLog,
+    /// Failed sign-ins on `/login` by client address.
+    pub login_limit: Arc<login_limit::LoginLimiter>,
 }
 
 impl WebState {
@@ -81,6 +85,12 @@ impl WebState {
         config: Arc<Config>,
         auth: Arc<auth::Authenticator>,
     ) -> WebState {
+        let http = &config.http;
+        let login_limit = Arc::new(login_limit::LoginLimiter::new(
+            http.login_max_failures,
+            std::time::Duration::from_secs(http.login_window_secs),
+            std::time::Duration::from_secs(http.login_lockout_secs),
+        ));
         WebState {
             index,
             metrics,
@@ -90,6 +100,7 @@ impl WebState {
             render_slots: Arc::new(Semaphore::new(RENDER_SLOTS)),
             auth,
             audit: crate::audit::AuditLog::disabled(),
+            login_limit,
         }
     }
 

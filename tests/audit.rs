@@ -5,10 +5,8 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use serde_json::Value;
 
@@ -16,21 +14,7 @@ use common::node::{Node, NodeOptions, AE};
 
 /// A GET with an optional bearer token: the status.
 fn http_get(node: &Node, path: &str, token: Option<&str>) -> u16 {
-    let mut s = TcpStream::connect(("127.0.0.1", node.http_port)).expect("HTTP port");
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Accept: application/dicom+json\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).expect("send request");
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    resp.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    node.http_status(path, token)
 }
 
 fn audit(node: &Node, args: &[&str]) -> Output {

@@ -1526,13 +1526,17 @@ fn bearer(token: &str) -> String {
     format!("Bearer {token}")
 }
 
-/// POST /login with a form: (status, Set-Cookie, body).
-fn login(node: &Node, token: &str) -> (u16, Vec<String>, String) {
-    let mut r = agent()
+fn post_login(node: &Node, token: &str) -> ureq::http::Response<ureq::Body> {
+    agent()
         .post(&url(node, "/login"))
         .header("Content-Type", "application/x-www-form-urlencoded")
         .send(format!("token={token}").as_bytes())
-        .expect("login");
+        .expect("login")
+}
+
+/// POST /login with a form: (status, Set-Cookie, body).
+fn login(node: &Node, token: &str) -> (u16, Vec<String>, String) {
+    let mut r = post_login(node, token);
     let cookies = r
         .headers()
         .get_all("set-cookie")
@@ -1542,6 +1546,67 @@ fn login(node: &Node, token: &str) -> (u16, Vec<String>, String) {
     let status = r.status().as_u16();
     let body = r.body_mut().read_to_string().unwrap_or_default();
     (status, cookies, body)
+}
+
+/// POST /login from this test's address: (status, Retry-After).
+fn login_retry_after(node: &Node, token: &str) -> (u16, Option<u64>) {
+    let r = post_login(node, token);
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    (r.status().as_u16(), retry)
+}
+
+#[test]
+fn failed_sign_ins_lock_the_address_out_of_login_for_a_while() {
+    let (reader, hash) = make_token("viewer", "read");
+    let node = Node::start_with(NodeOptions {
+        extra_http: format!(
+            "anonymous = false\ntokens = \"viewer:{hash}:read\"\n\
+             login_max_failures = 3\nlogin_window_secs = 60\nlogin_lockout_secs = 3\n"
+        ),
+        ..NodeOptions::default()
+    });
+    // A success clears the count: two failures, a success, two more failures stay below 3.
+    for _ in 0..2 {
+        assert_eq!(login_retry_after(&node, "anp_wrong").0, 401);
+    }
+    assert_eq!(login_retry_after(&node, &reader).0, 200);
+    for _ in 0..2 {
+        assert_eq!(login_retry_after(&node, "anp_wrong").0, 401);
+    }
+    assert_eq!(
+        login_retry_after(&node, "anp_wrong").0,
+        401,
+        "the third failure"
+    );
+    // Locked out: 429 with Retry-After, even with the right token.
+    let (status, retry) = login_retry_after(&node, &reader);
+    assert_eq!(status, 429);
+    assert!(retry.is_some_and(|s| (1..=3).contains(&s)), "{retry:?}");
+    // Bearer requests are not affected.
+    let r = get_with(
+        &node,
+        "/dicom-web/studies",
+        &[("Authorization", &bearer(&reader))],
+    );
+    assert_eq!(r.status, 200);
+    let refused = || {
+        node.index().count(
+            "SELECT COUNT(*) FROM audit_events WHERE event_type = 'auth_failure' \
+             AND outcome = 'refused' AND detail LIKE 'status 429%'",
+        )
+    };
+    assert!(
+        common::wait_until(10, || refused() >= 1),
+        "the lockout is audited"
+    );
+    // After the lockout the right token signs in again.
+    assert!(common::wait_until(8, || login_retry_after(&node, &reader)
+        .0
+        == 200));
 }
 
 /// Headless Chromium's DOM of `url` after scripts and navigations (5 s of virtual time).
@@ -1954,6 +2019,225 @@ fn jwts_are_checked_against_the_jwks() {
     );
 }
 
+/// A tiny HTTP server for a JWKS: it answers every GET with the current document (or 500
+/// when it is empty) and counts the requests.
+struct JwksServer {
+    port: u16,
+    document: std::sync::Arc<std::sync::Mutex<String>>,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Read one request on `stream`, answer it with the document (500 when empty), count it.
+fn answer(
+    stream: &mut (impl std::io::Read + std::io::Write),
+    doc: &std::sync::Mutex<String>,
+    count: &std::sync::atomic::AtomicUsize,
+) {
+    let mut request = Vec::new();
+    let mut byte = [0u8; 1];
+    while !request.ends_with(b"\r\n\r\n") && stream.read_exact(&mut byte).is_ok() {
+        request.push(byte[0]);
+    }
+    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let body = doc.lock().expect("document").clone();
+    let status = if body.is_empty() {
+        "500 Internal Server Error"
+    } else {
+        "200 OK"
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.flush();
+}
+
+impl JwksServer {
+    fn start(document: &Value) -> JwksServer {
+        JwksServer::start_tls(document, None)
+    }
+
+    /// With `tls` (a certificate and its key), HTTPS.
+    fn start_tls(document: &Value, tls: Option<(&Path, &Path)>) -> JwksServer {
+        let tls = tls.map(|(cert, key)| {
+            std::sync::Arc::new(
+                anatomy_node::net::tls::single_cert_server(cert, key).expect("server TLS"),
+            )
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("JWKS server");
+        let port = listener.local_addr().expect("address").port();
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(document.to_string()));
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (doc, count) = (shared.clone(), hits.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut tcp) = stream else { return };
+                match &tls {
+                    Some(config) => {
+                        let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                            return;
+                        };
+                        answer(&mut rustls::StreamOwned::new(conn, tcp), &doc, &count);
+                    }
+                    None => answer(&mut tcp, &doc, &count),
+                }
+            }
+        });
+        JwksServer {
+            port,
+            document: shared,
+            hits,
+        }
+    }
+
+    fn serve(&self, document: Option<&Value>) {
+        *self.document.lock().expect("document") =
+            document.map(Value::to_string).unwrap_or_default();
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Two RSA keys (their directory, old, new) and a JWKS server with the old one as "k1".
+fn rotation_keys() -> (tempfile::TempDir, PathBuf, PathBuf, JwksServer) {
+    let keys = tempfile::tempdir().expect("keys");
+    let (old, new) = (rsa_key(keys.path(), "old"), rsa_key(keys.path(), "new"));
+    let server = JwksServer::start(&serde_json::json!({"keys": [rsa_jwk(&old, "k1")]}));
+    (keys, old, new, server)
+}
+
+/// A node that takes JWTs checked against `server`'s key set.
+fn jwks_url_node(server: &JwksServer, issuer: &str, refresh: u64, min_refresh: u64) -> Node {
+    Node::start_with(NodeOptions {
+        extra_http: "anonymous = false".into(),
+        http_tables: format!(
+            "[http.jwt]\njwks_url = \"http://127.0.0.1:{}/certs\"\nissuer = \"{issuer}\"\n\
+             audience = \"anatomy-node\"\njwks_refresh_secs = {refresh}\n\
+             jwks_min_refresh_secs = {min_refresh}\n",
+            server.port
+        ),
+        ..NodeOptions::default()
+    })
+}
+
+#[test]
+fn jwks_from_a_url_follows_key_rotation_with_rate_limited_fetches() {
+    let (_keys, old, new, server) = rotation_keys();
+    let issuer = "https://idp.example.test/realms/hospital";
+    let node = jwks_url_node(&server, issuer, 3600, 30);
+    let now = now_secs();
+    let claims = serde_json::json!({
+        "iss": issuer, "aud": "anatomy-node", "sub": "u-1", "exp": now + 300,
+        "realm_access": {"roles": ["read"]}
+    });
+    let status = |key: &Path, kid: &str| {
+        let token = sign_jwt(key, "RS256", kid, &claims);
+        let r = get_with(
+            &node,
+            "/dicom-web/studies",
+            &[("Authorization", &bearer(&token))],
+        );
+        (r.status, r.text())
+    };
+    assert_eq!(status(&old, "k1").0, 200, "the key fetched at start-up");
+    let fetched = server.hits();
+
+    // The provider rotates in a new key: a token naming it makes the node fetch the set.
+    server.serve(Some(&serde_json::json!({"keys": [rsa_jwk(&new, "k2")]})));
+    let (code, text) = status(&new, "k2");
+    assert_eq!(code, 200, "the rotated key: {text}");
+    assert_eq!(server.hits(), fetched + 1, "one fetch for the unknown kid");
+    assert_eq!(status(&old, "k1").0, 401, "the retired key is gone");
+
+    // Unknown kids again within jwks_min_refresh_secs: no fetch (a flood of made-up kids
+    // cannot make the node hammer the provider).
+    for kid in ["zz1", "zz2", "zz3"] {
+        assert_eq!(status(&new, kid).0, 401);
+    }
+    assert_eq!(
+        server.hits(),
+        fetched + 1,
+        "unknown-kid fetches are rate-limited"
+    );
+    assert_eq!(status(&new, "k2").0, 200);
+}
+
+#[test]
+fn jwks_over_https_is_verified_against_the_ca_file() {
+    let pki = tempfile::tempdir().expect("pki");
+    let ca = common::pki::Ca::new(pki.path(), "idp-ca");
+    let idp = ca.server("idp");
+    let key = rsa_key(pki.path(), "idp-key");
+    let server = JwksServer::start_tls(
+        &serde_json::json!({"keys": [rsa_jwk(&key, "k1")]}),
+        Some((&idp.cert, &idp.key)),
+    );
+    let issuer = "https://idp.example.test";
+    let node = Node::start_with(NodeOptions {
+        extra_http: "anonymous = false".into(),
+        http_tables: format!(
+            "[http.jwt]\njwks_url = \"https://localhost:{}/certs\"\njwks_ca_file = \"{}\"\n\
+             issuer = \"{issuer}\"\naudience = \"anatomy-node\"\n",
+            server.port,
+            ca.cert.display()
+        ),
+        ..NodeOptions::default()
+    });
+    let claims = serde_json::json!({
+        "iss": issuer, "aud": "anatomy-node", "sub": "u-1", "exp": now_secs() + 300,
+        "realm_access": {"roles": ["read"]}
+    });
+    let token = sign_jwt(&key, "RS256", "k1", &claims);
+    let r = get_with(
+        &node,
+        "/dicom-web/studies",
+        &[("Authorization", &bearer(&token))],
+    );
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), node.log());
+    assert!(server.hits() >= 1);
+}
+
+#[test]
+fn a_failing_jwks_url_keeps_the_last_good_set_and_periodic_refresh_recovers() {
+    let (_keys, old, new, server) = rotation_keys();
+    let issuer = "https://idp.example.test";
+    let node = jwks_url_node(&server, issuer, 1, 3600);
+    let claims = serde_json::json!({
+        "iss": issuer, "aud": "anatomy-node", "sub": "u-1", "exp": now_secs() + 300,
+        "realm_access": {"roles": ["read"]}
+    });
+    let status = |key: &Path, kid: &str| {
+        let token = sign_jwt(key, "RS256", kid, &claims);
+        get_with(
+            &node,
+            "/dicom-web/studies",
+            &[("Authorization", &bearer(&token))],
+        )
+        .status
+    };
+    assert_eq!(status(&old, "k1"), 200);
+    server.serve(None);
+    // The one unknown-kid fetch an hour is spent here (and fails): what recovers below is
+    // the periodic refresh.
+    assert_eq!(status(&new, "k2"), 401);
+    let failing_since = server.hits();
+    assert!(common::wait_until(10, || server.hits() >= failing_since + 2));
+    assert_eq!(status(&old, "k1"), 200, "the last good set stays in use");
+    assert!(
+        node.log().contains("JWKS fetch failed"),
+        "the failure is logged"
+    );
+    server.serve(Some(&serde_json::json!({"keys": [rsa_jwk(&new, "k2")]})));
+    assert!(
+        common::wait_until(10, || status(&new, "k2") == 200),
+        "the periodic refresh picks up the new set"
+    );
+}
+
 /// A test CA and a server certificate for 127.0.0.1 signed by it: (ca.pem, cert, key).
 fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let ca = common::pki::Ca::new(dir, "anatomy-node-test-ca");
@@ -1969,19 +2253,26 @@ fn curl(args: &[&str]) -> std::process::Output {
         .expect("run curl (apt package curl)")
 }
 
-#[test]
-fn https_with_a_test_ca_tls12_and_13_only() {
-    let pki = tempfile::tempdir().expect("pki");
-    let (ca, cert, key) = test_pki(pki.path());
-    let (reader, hash) = make_token("viewer", "read");
+/// A node speaking HTTPS with a test CA in `pki` and one token `name` of role read:
+/// (the CA file, the token, the node).
+fn https_node(pki: &Path, name: &str) -> (PathBuf, String, Node) {
+    let (ca, cert, key) = test_pki(pki);
+    let (reader, hash) = make_token(name, "read");
     let node = Node::start_with(NodeOptions {
         extra_http: format!(
-            "anonymous = false\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntokens = \"viewer:{hash}:read\"\n",
+            "anonymous = false\ntls_cert = \"{}\"\ntls_key = \"{}\"\ntokens = \"{name}:{hash}:read\"\n",
             cert.display(),
             key.display()
         ),
         ..NodeOptions::default()
     });
+    (ca, reader, node)
+}
+
+#[test]
+fn https_with_a_test_ca_tls12_and_13_only() {
+    let pki = tempfile::tempdir().expect("pki");
+    let (ca, reader, node) = https_node(pki.path(), "viewer");
     let base = format!("https://127.0.0.1:{}", node.http_port);
     let ca_arg = path_arg(&ca);
     let auth = format!("Authorization: Bearer {reader}");
@@ -2064,6 +2355,149 @@ fn https_with_a_test_ca_tls12_and_13_only() {
             && cookie.contains("samesite=strict"),
         "{cookie}"
     );
+}
+
+#[test]
+fn the_mining_dicomweb_client_sends_its_token_and_checks_the_archive_certificate() {
+    use anatomy_node::mine::web::{DicomWeb, WebSecurity};
+    use anatomy_node::mine::ArchiveConfig;
+    let pki = tempfile::tempdir().expect("pki");
+    let (ca, reader, node) = https_node(pki.path(), "miner");
+    let other_ca = common::pki::Ca::new(pki.path(), "other-ca");
+    let token_file = pki.path().join("archive-token");
+    std::fs::write(&token_file, format!("{reader}\n")).expect("token file");
+    let archive = |token_file: Option<&Path>, ca: &Path| ArchiveConfig {
+        dicomweb_url: format!("https://localhost:{}/dicom-web", node.http_port),
+        dicomweb_token_file: token_file.map(Path::to_path_buf),
+        dicomweb_ca_file: Some(ca.to_path_buf()),
+        ..ArchiveConfig::default()
+    };
+    let search = |config: &ArchiveConfig| {
+        let security: WebSecurity = config.web_security().expect("web security");
+        let client = DicomWeb::new(
+            &config.dicomweb_url,
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_secs(10),
+            anatomy_node::mine::web::Limits {
+                search_mb: config.dicomweb_max_search_mb,
+                instance_mb: config.dicomweb_max_instance_mb,
+            },
+            security,
+        );
+        client.search("studies", &[], &[], 100).map(|a| a.len())
+    };
+    assert_eq!(
+        search(&archive(Some(&token_file), &ca)).expect("QIDO-RS with the token over HTTPS"),
+        0
+    );
+    let err = search(&archive(None, &ca)).expect_err("no token");
+    assert!(err.to_string().contains("401"), "{err}");
+    let err = search(&archive(Some(&token_file), &other_ca.cert)).expect_err("another CA");
+    assert!(!err.to_string().contains("HTTP 200"), "{err}");
+}
+
+/// One HTTPS connection that stays open (keep-alive), trusting `ca` only.
+fn https_connection(
+    port: u16,
+    ca: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use anatomy_node::net::{ClientTls, ClientTlsConfig};
+    let settings = ClientTlsConfig {
+        enabled: true,
+        ca_file: Some(ca.to_path_buf()),
+        ..ClientTlsConfig::default()
+    };
+    let tls = ClientTls::build(&settings, "localhost")
+        .expect("client TLS")
+        .expect("enabled");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let conn = rustls::ClientConnection::new(tls.config, name).expect("client connection");
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// `GET /healthz` on an open connection, leaving it open: the status.
+fn healthz_keep_alive<S: std::io::Read + std::io::Write>(stream: &mut S) -> u16 {
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("send");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("response");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("content-length");
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).expect("body");
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn https_certificate_reloads_on_sighup_and_a_bad_file_keeps_the_old_one() {
+    let pki = tempfile::tempdir().expect("pki");
+    let old_ca = common::pki::Ca::new(pki.path(), "old-ca");
+    let new_ca = common::pki::Ca::new(pki.path(), "new-ca");
+    let (old, new) = (old_ca.server("old"), new_ca.server("new"));
+    let live_cert = pki.path().join("live.crt");
+    let live_key = pki.path().join("live.key");
+    std::fs::copy(&old.cert, &live_cert).expect("cert");
+    std::fs::copy(&old.key, &live_key).expect("key");
+    let node = Node::start_with(NodeOptions {
+        extra_http: format!(
+            "anonymous = true\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            live_cert.display(),
+            live_key.display()
+        ),
+        ..NodeOptions::default()
+    });
+    let base = format!("https://127.0.0.1:{}/healthz", node.http_port);
+    let trusts = |ca: &Path| {
+        curl(&["--cacert", &path_arg(ca), "-o", "/dev/null", &base])
+            .status
+            .success()
+    };
+    let mut open = https_connection(node.http_port, &old_ca.cert);
+    assert_eq!(healthz_keep_alive(&mut open), 200);
+    assert!(trusts(&old_ca.cert) && !trusts(&new_ca.cert));
+
+    std::fs::copy(&new.cert, &live_cert).expect("cert");
+    std::fs::copy(&new.key, &live_key).expect("key");
+    node.sighup();
+    assert!(
+        common::wait_until(10, || node.log().contains("HTTPS certificate reloaded")),
+        "reload logged:\n{}",
+        node.log()
+    );
+    // The connection opened before the reload goes on; new handshakes get the new certificate.
+    assert_eq!(healthz_keep_alive(&mut open), 200);
+    assert!(trusts(&new_ca.cert), "the new certificate after SIGHUP");
+    assert!(!trusts(&old_ca.cert), "the old certificate is gone");
+
+    // A broken file keeps the current certificate, and the failure is logged and audited.
+    std::fs::write(&live_cert, "not a certificate").expect("break");
+    node.sighup();
+    assert!(common::wait_until(10, || node
+        .log()
+        .contains("HTTPS reload failed")));
+    assert!(trusts(&new_ca.cert), "still the last good certificate");
+    let audited = |outcome: &str| {
+        node.index().count(&format!(
+            "SELECT COUNT(*) FROM audit_events WHERE event_type = 'config_reload' \
+             AND outcome = '{outcome}' AND object LIKE 'http.tls_cert %'"
+        ))
+    };
+    assert!(common::wait_until(10, || audited("success") == 1 && audited("failure") == 1));
 }
 
 /// `serve` with `config` (plus free ports on loopback for DICOM): it must refuse to start,

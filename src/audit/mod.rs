@@ -11,7 +11,9 @@
 //! Events carry UIDs, AE titles, token names and addresses, never patient names or IDs:
 //! the audit table must not become a second PHI store.
 
+pub mod atna;
 pub mod cli;
+pub mod syslog;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -217,6 +219,8 @@ enum Message {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: Option<mpsc::Sender<Message>>,
+    /// `[audit.syslog]`: each event also goes to the syslog collector.
+    syslog: Option<syslog::SyslogSender>,
     metrics: Option<Arc<Metrics>>,
     dropped: Arc<AtomicU64>,
 }
@@ -233,6 +237,7 @@ impl AuditLog {
     pub fn disabled() -> AuditLog {
         AuditLog {
             tx: None,
+            syslog: None,
             metrics: None,
             dropped: Arc::new(AtomicU64::new(0)),
         }
@@ -250,6 +255,7 @@ impl AuditLog {
         (
             AuditLog {
                 tx: Some(tx),
+                syslog: None,
                 metrics: Some(metrics),
                 dropped: Arc::new(AtomicU64::new(0)),
             },
@@ -257,8 +263,17 @@ impl AuditLog {
         )
     }
 
+    /// Every event recorded from now on also goes to the syslog collector (ATNA).
+    pub fn with_syslog(mut self, sender: syslog::SyslogSender) -> AuditLog {
+        self.syslog = Some(sender);
+        self
+    }
+
     /// Queue an event; never waits. A full queue drops it (counted, logged).
     pub fn record(&self, event: AuditEvent) {
+        if let Some(syslog) = &self.syslog {
+            syslog.send(&event);
+        }
         let Some(tx) = &self.tx else { return };
         match tx.try_send(Message::Event(event)) {
             Ok(()) => {}
@@ -683,6 +698,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(2);
         let log = AuditLog {
             tx: Some(tx),
+            syslog: None,
             metrics: Some(metrics.clone()),
             dropped: Arc::new(AtomicU64::new(0)),
         };

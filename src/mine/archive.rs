@@ -245,6 +245,7 @@ impl Archive {
                         search_mb: archive.dicomweb_max_search_mb,
                         instance_mb: archive.dicomweb_max_instance_mb,
                     },
+                    archive.web_security().map_err(ArchiveError::Other)?,
                 ))),
                 format!("DICOMweb {}", archive.dicomweb_url),
             ),

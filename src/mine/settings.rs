@@ -31,8 +31,13 @@ pub struct ArchiveConfig {
     /// Our AE title on associations with the archive, and the C-MOVE destination.
     pub calling_ae_title: String,
     pub retrieve: Retrieve,
-    /// QIDO-RS / WADO-RS base URL (`http://host:port/dicom-web`).
+    /// QIDO-RS / WADO-RS base URL (`http://host:port/dicom-web` or `https://...`).
     pub dicomweb_url: String,
+    /// A bearer token sent with every DICOMweb request (or read from `dicomweb_token_file`).
+    pub dicomweb_token: String,
+    pub dicomweb_token_file: Option<PathBuf>,
+    /// HTTPS `dicomweb_url`: the CA bundle (PEM) the archive's certificate must chain to.
+    pub dicomweb_ca_file: Option<PathBuf>,
     /// C-MOVE: the temporary Storage SCP listens here while `mine` runs.
     pub move_bind: IpAddr,
     pub move_port: u16,
@@ -59,6 +64,41 @@ pub struct ArchiveConfig {
     pub dicomweb_max_instance_mb: u64,
 }
 
+impl ArchiveConfig {
+    /// The bearer token and TLS trust of the DICOMweb client (files read now).
+    pub fn web_security(&self) -> Result<super::web::WebSecurity, String> {
+        let token = match &self.dicomweb_token_file {
+            Some(file) => std::fs::read_to_string(file)
+                .map_err(|e| format!("archive.dicomweb_token_file {}: {e}", file.display()))?,
+            None => self.dicomweb_token.clone(),
+        };
+        let token = token.trim();
+        if token.bytes().any(|b| !b.is_ascii_graphic()) {
+            return Err("archive.dicomweb_token holds spaces or control characters".into());
+        }
+        let tls = match &self.dicomweb_ca_file {
+            Some(ca) => Some(
+                crate::net::tls::https_client(ca)
+                    .map_err(|e| format!("archive.dicomweb_ca_file: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(super::web::WebSecurity {
+            token: (!token.is_empty()).then(|| token.to_string()),
+            tls,
+        })
+    }
+
+    pub(crate) fn resolve_paths(&mut self, base: &Path) {
+        self.tls.resolve_paths(base);
+        self.move_tls.resolve_paths(base);
+        crate::net::tls::resolve(
+            base,
+            [&mut self.dicomweb_token_file, &mut self.dicomweb_ca_file],
+        );
+    }
+}
+
 impl Default for ArchiveConfig {
     fn default() -> Self {
         Self {
@@ -68,6 +108,9 @@ impl Default for ArchiveConfig {
             calling_ae_title: "ANATOMY_MINE".into(),
             retrieve: Retrieve::Move,
             dicomweb_url: String::new(),
+            dicomweb_token: String::new(),
+            dicomweb_token_file: None,
+            dicomweb_ca_file: None,
             move_bind: IpAddr::from([0, 0, 0, 0]),
             move_port: 11113,
             connect_timeout_secs: 10,
@@ -291,10 +334,18 @@ pub fn validate(archive: &ArchiveConfig, mine: &MineConfig) -> Result<(), String
         );
     }
     let url = &archive.dicomweb_url;
-    if !url.is_empty() && !url.starts_with("http://") {
+    if url.starts_with("https://") && archive.dicomweb_ca_file.is_none() {
         return Err(format!(
-            "archive.dicomweb_url {url:?} must start with http:// (for HTTPS put a TLS proxy on this host in front of it)"
+            "archive.dicomweb_url {url:?} is https: set archive.dicomweb_ca_file (the CA bundle the archive's certificate chains to)"
         ));
+    }
+    if !url.is_empty() && !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(format!(
+            "archive.dicomweb_url {url:?} must start with http:// or https://"
+        ));
+    }
+    if !archive.dicomweb_token.trim().is_empty() && archive.dicomweb_token_file.is_some() {
+        return Err("archive.dicomweb_token and dicomweb_token_file: set one, not both".into());
     }
     for (i, rule) in mine.kos_labels.iter().enumerate() {
         let which = format!("mine.kos_labels[{i}]");

@@ -1,7 +1,8 @@
 //! The DICOMweb client of `archive.retrieve = "dicomweb"` (PS3.18): QIDO-RS searches with
 //! `limit`/`offset` paging, WADO-RS retrieval of one instance at a time (its multipart body
 //! streamed into the spool, never held whole). Blocking (ureq); the caller runs it on the
-//! blocking pool. Plain HTTP only: for HTTPS put a TLS proxy on this host in front.
+//! blocking pool. HTTP, or HTTPS verified against `archive.dicomweb_ca_file`; every request
+//! carries the bearer token of `archive.dicomweb_token` (or its file) when one is set.
 
 use std::io::Read;
 use std::time::Duration;
@@ -54,16 +55,48 @@ pub struct DicomWeb {
     limits: Limits,
 }
 
+/// How the client proves who it is and whom it trusts (see `ArchiveConfig::web_security`).
+#[derive(Default)]
+pub struct WebSecurity {
+    /// `Authorization: Bearer` on every request.
+    pub token: Option<String>,
+    /// HTTPS: the CA the archive's certificate must chain to.
+    pub tls: Option<ureq::tls::TlsConfig>,
+}
+
 impl DicomWeb {
-    pub fn new(base: &str, connect: Duration, read: Duration, limits: Limits) -> DicomWeb {
-        let config = ureq::Agent::config_builder()
+    pub fn new(
+        base: &str,
+        connect: Duration,
+        read: Duration,
+        limits: Limits,
+        security: WebSecurity,
+    ) -> DicomWeb {
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(connect))
             .timeout_per_read(Some(read))
-            .timeout_per_write(Some(read))
-            .build();
+            .timeout_per_write(Some(read));
+        if let Some(tls) = security.tls {
+            config = config.tls_config(tls);
+        }
+        if let Some(value) = security
+            .token
+            .and_then(|t| ureq::http::HeaderValue::from_str(&format!("Bearer {t}")).ok())
+        {
+            // Middleware, so every request (QIDO-RS pages, WADO-RS) carries it.
+            config = config.middleware(
+                move |mut request: ureq::http::Request<ureq::SendBody>,
+                      next: ureq::middleware::MiddlewareNext| {
+                    request
+                        .headers_mut()
+                        .insert(ureq::http::header::AUTHORIZATION, value.clone());
+                    next.handle(request)
+                },
+            );
+        }
         DicomWeb {
-            agent: config.into(),
+            agent: config.build().into(),
             base: base.trim_end_matches('/').to_string(),
             limits,
         }
@@ -408,7 +441,13 @@ mod tests {
             search_mb: 1,
             instance_mb: 1,
         };
-        DicomWeb::new(base, Duration::from_secs(5), Duration::from_secs(5), limits)
+        DicomWeb::new(
+            base,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            limits,
+            WebSecurity::default(),
+        )
     }
 
     #[test]

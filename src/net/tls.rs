@@ -335,7 +335,7 @@ impl ServerTlsConfig {
 }
 
 /// Relative file names are taken from the configuration file's directory; empty is unset.
-fn resolve<const N: usize>(base: &Path, files: [&mut Option<PathBuf>; N]) {
+pub(crate) fn resolve<const N: usize>(base: &Path, files: [&mut Option<PathBuf>; N]) {
     for file in files {
         match file.as_mut() {
             Some(f) if f.as_os_str().is_empty() => *file = None,
@@ -420,4 +420,22 @@ impl ClientTls {
             server_name,
         }))
     }
+}
+
+/// The TLS settings of an HTTPS client (ureq): the peer must chain to `ca_file`; the ring
+/// provider and TLS 1.2/1.3 as everywhere else.
+pub fn https_client(ca_file: &Path) -> Result<ureq::tls::TlsConfig, TlsError> {
+    let roots: Vec<ureq::tls::Certificate<'static>> = load_certs(ca_file)
+        .map_err(|e| TlsError::Ca {
+            path: ca_file.to_path_buf(),
+            reason: e.to_string(),
+        })?
+        .iter()
+        .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+        .collect();
+    Ok(ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .root_certs(ureq::tls::RootCerts::new_with_certs(&roots))
+        .unversioned_rustls_crypto_provider(provider())
+        .build())
 }

@@ -1,6 +1,7 @@
 //! Who may use the HTTP port: API tokens (stored as SHA-256 hashes, each with a name and
-//! roles) and OpenID Connect bearer JWTs (RS256 or ES256, checked against a JWKS file: issuer,
-//! audience, expiry, not-before and a roles claim). Credentials come in an
+//! roles) and OpenID Connect bearer JWTs (RS256 or ES256, checked against a JWKS from a file
+//! or fetched from the provider by [`super::jwks`]: issuer, audience, expiry, not-before and a
+//! roles claim). Credentials come in an
 //! `Authorization: Bearer` header or, for the web page, in the HttpOnly cookie the login form
 //! sets. Every route but `/healthz` (and the login form) needs a role:
 //!
@@ -164,6 +165,14 @@ impl<'de> Deserialize<'de> for TokenList {
 pub struct JwtConfig {
     /// The JWKS (the provider's `jwks_uri` document, saved to a file). Empty: no JWTs.
     pub jwks_file: Option<PathBuf>,
+    /// Or the JWKS fetched from the provider (`jwks_uri`), refreshed every
+    /// `jwks_refresh_secs` and when a token names an unknown `kid`.
+    pub jwks_url: String,
+    /// HTTPS `jwks_url`: the CA bundle (PEM) the provider's certificate must chain to.
+    pub jwks_ca_file: Option<PathBuf>,
+    pub jwks_refresh_secs: u64,
+    /// Fetches for unknown `kid`s: at most one per this many seconds.
+    pub jwks_min_refresh_secs: u64,
     /// The `iss` every token must carry.
     pub issuer: String,
     /// A value the token's `aud` (a string or a list) must hold.
@@ -180,6 +189,10 @@ impl Default for JwtConfig {
     fn default() -> Self {
         Self {
             jwks_file: None,
+            jwks_url: String::new(),
+            jwks_ca_file: None,
+            jwks_refresh_secs: 300,
+            jwks_min_refresh_secs: 30,
             issuer: String::new(),
             audience: String::new(),
             roles_claim: "realm_access.roles".into(),
@@ -191,18 +204,25 @@ impl Default for JwtConfig {
 
 impl JwtConfig {
     pub fn enabled(&self) -> bool {
-        self.jwks_file.is_some()
+        self.jwks_file.is_some() || !self.jwks_url.trim().is_empty()
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        let url = self.jwks_url.trim();
+        if self.jwks_file.is_some() && !url.is_empty() {
+            return Err("http.jwt.jwks_file and http.jwt.jwks_url: set one, not both".into());
+        }
+        if !url.is_empty() {
+            super::jwks::check_url(url, self.jwks_ca_file.is_some())?;
+        }
         if self.enabled()
             && (self.issuer.trim().is_empty()
                 || self.audience.trim().is_empty()
                 || self.roles_claim.trim().is_empty())
         {
             return Err(
-                "http.jwt.jwks_file is set: http.jwt.issuer, http.jwt.audience and \
-                 http.jwt.roles_claim must be set too"
+                "http.jwt.jwks_file or jwks_url is set: http.jwt.issuer, http.jwt.audience \
+                 and http.jwt.roles_claim must be set too"
                     .into(),
             );
         }
@@ -229,6 +249,8 @@ pub enum AuthSetupError {
     Token(String),
     #[error("http.jwt.jwks_file {path}: {reason}")]
     Jwks { path: PathBuf, reason: String },
+    #[error("http.jwt.jwks_url: {0}")]
+    JwksUrl(String),
     #[error(
         "http.anonymous = false and no credentials are configured, so nobody could use the \
          HTTP port: add http.tokens (anatomy-node token --name NAME --roles read), \
@@ -301,6 +323,7 @@ impl Authenticator {
         }
         let jwt = match &http.jwt.jwks_file {
             Some(path) => Some(JwtVerifier::load(path, &http.jwt)?),
+            None if http.jwt.enabled() => Some(JwtVerifier::from_url(&http.jwt)?),
             None => None,
         };
         if !http.anonymous && tokens.is_empty() && jwt.is_none() {
@@ -349,6 +372,29 @@ impl Authenticator {
                 roles: entry.roles.clone(),
             }),
             None => Err("unknown API token".into()),
+        }
+    }
+
+    /// Before checking `credential`: when it is a JWT whose `kid` the key set does not hold
+    /// and the set comes from `http.jwt.jwks_url`, fetch the set again (rate-limited), so a
+    /// key the provider has just rotated in is known.
+    pub async fn refresh_keys_for(&self, credential: &str) {
+        if let Some(jwt) = &self.jwt {
+            jwt.refresh_for(credential.trim()).await;
+        }
+    }
+
+    /// [`Authenticator::refresh_keys_for`] the bearer credential of `headers`, if any.
+    pub async fn refresh_keys_for_request(&self, headers: &HeaderMap) {
+        if let Ok(Some(token)) = credential(headers) {
+            self.refresh_keys_for(&token).await;
+        }
+    }
+
+    /// Refresh a `jwks_url` key set every `jwks_refresh_secs` until `stop`.
+    pub fn spawn_key_refresh(&self, stop: tokio_util::sync::CancellationToken) {
+        if let Some(url) = self.jwt.as_ref().and_then(|j| j.url.clone()) {
+            tokio::spawn(url.refresh_every(stop));
         }
     }
 
@@ -455,8 +501,8 @@ enum PublicKey {
     Ec(ring::signature::UnparsedPublicKey<Vec<u8>>),
 }
 
-struct Jwk {
-    kid: Option<String>,
+pub(super) struct Jwk {
+    pub(super) kid: Option<String>,
     alg: Alg,
     key: PublicKey,
 }
@@ -486,7 +532,7 @@ impl Jwk {
                 let e = strip(bytes("e")?);
                 if n.len() < 256 {
                     // Not trusted; the set's other keys still are.
-                    tracing::warn!(kid = ?kid, bits = n.len() * 8, "http.jwt.jwks_file: RSA key under 2048 bits ignored");
+                    tracing::warn!(kid = ?kid, bits = n.len() * 8, "JWKS: RSA key under 2048 bits ignored");
                     return Ok(None);
                 }
                 (
@@ -536,7 +582,9 @@ impl Jwk {
 }
 
 struct JwtVerifier {
-    keys: Vec<Jwk>,
+    keys: super::jwks::KeySet,
+    /// Where the keys come from when it is `http.jwt.jwks_url`.
+    url: Option<std::sync::Arc<super::jwks::JwksUrl>>,
     issuer: String,
     audience: String,
     roles_path: Vec<String>,
@@ -555,31 +603,56 @@ impl JwtVerifier {
             path: path.to_path_buf(),
             source,
         })?;
-        let set: Value =
-            serde_json::from_str(&text).map_err(|e| failed(format!("not JSON: {e}")))?;
-        let list = set
-            .get("keys")
-            .and_then(Value::as_array)
-            .ok_or_else(|| failed("no \"keys\" list (a JWK Set, RFC 7517)".into()))?;
-        let mut keys = Vec::new();
-        for k in list {
-            if let Some(jwk) = Jwk::parse(k).map_err(&failed)? {
-                keys.push(jwk);
-            }
-        }
-        if keys.is_empty() {
-            return Err(failed(
-                "no RS256 (RSA) or ES256 (EC P-256) signing key in the set".into(),
-            ));
-        }
-        Ok(JwtVerifier {
+        let keys = parse_key_set(&text).map_err(failed)?;
+        Ok(JwtVerifier::with_keys(
+            super::jwks::KeySet::new(keys),
+            None,
+            config,
+        ))
+    }
+
+    /// Keys from `http.jwt.jwks_url`: fetched now (a provider that does not answer leaves
+    /// the set empty, logged, until a refresh succeeds: the node still starts).
+    fn from_url(config: &JwtConfig) -> Result<JwtVerifier, AuthSetupError> {
+        let keys = super::jwks::KeySet::new(Vec::new());
+        let url = super::jwks::JwksUrl::new(config, keys.clone())
+            .map_err(|e| AuthSetupError::JwksUrl(e.to_string()))?;
+        url.fetch_now();
+        Ok(JwtVerifier::with_keys(
             keys,
+            Some(std::sync::Arc::new(url)),
+            config,
+        ))
+    }
+
+    fn with_keys(
+        keys: super::jwks::KeySet,
+        url: Option<std::sync::Arc<super::jwks::JwksUrl>>,
+        config: &JwtConfig,
+    ) -> JwtVerifier {
+        JwtVerifier {
+            keys,
+            url,
             issuer: config.issuer.trim().to_string(),
             audience: config.audience.trim().to_string(),
             roles_path: config.roles_claim.split('.').map(str::to_string).collect(),
             role_prefix: config.role_prefix.clone(),
             leeway: config.leeway_secs,
-        })
+        }
+    }
+
+    /// See [`Authenticator::refresh_keys_for`].
+    async fn refresh_for(&self, token: &str) {
+        let Some(url) = &self.url else { return };
+        let Some(kid) = jwt_kid(token) else { return };
+        if !self
+            .keys
+            .current()
+            .iter()
+            .any(|k| k.kid.as_deref() == Some(kid.as_str()))
+        {
+            url.refresh_unknown_kid(&kid).await;
+        }
     }
 
     fn verify(&self, token: &str, now: u64) -> Result<Principal, String> {
@@ -602,8 +675,8 @@ impl JwtVerifier {
         let kid = header.get("kid").and_then(Value::as_str);
         let signature = decode(sig64, "signature")?;
         let message = &token.as_bytes()[..head64.len() + 1 + body64.len()];
-        let candidates: Vec<&Jwk> = self
-            .keys
+        let keys = self.keys.current();
+        let candidates: Vec<&Jwk> = keys
             .iter()
             // A token's kid picks its key; keys the set gives no kid may sign any token.
             .filter(|k| {
@@ -612,7 +685,7 @@ impl JwtVerifier {
             .collect();
         if candidates.is_empty() {
             return Err(format!(
-                "no {alg:?} key {} in http.jwt.jwks_file",
+                "no {alg:?} key {} in the JWKS",
                 kid.map(|k| format!("with kid {k:?}")).unwrap_or_default()
             ));
         }
@@ -668,6 +741,32 @@ impl JwtVerifier {
             roles,
         })
     }
+}
+
+/// The `kid` of a JWT's header, if it is a JWT and names one.
+fn jwt_kid(token: &str) -> Option<String> {
+    let head = token.split('.').next()?;
+    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(head).ok()?).ok()?;
+    header.get("kid")?.as_str().map(str::to_string)
+}
+
+/// The signing keys of a JWK Set document (RFC 7517) we can check signatures with.
+pub(super) fn parse_key_set(text: &str) -> Result<Vec<Jwk>, String> {
+    let set: Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let list = set
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or_else(|| "no \"keys\" list (a JWK Set, RFC 7517)".to_string())?;
+    let mut keys = Vec::new();
+    for k in list {
+        if let Some(jwk) = Jwk::parse(k)? {
+            keys.push(jwk);
+        }
+    }
+    if keys.is_empty() {
+        return Err("no RS256 (RSA) or ES256 (EC P-256) signing key in the set".into());
+    }
+    Ok(keys)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -746,6 +845,7 @@ pub async fn require(State(state): State<WebState>, mut request: Request, next: 
     };
     let peer = peer_of(&request);
     let route = format!("{} {path}", request.method());
+    auth.refresh_keys_for_request(request.headers()).await;
     match auth.check(request.headers(), role) {
         Ok(principal) => {
             let who = principal.name.clone();
@@ -884,17 +984,24 @@ pub async fn login(
     Form(form): Form<LoginForm>,
 ) -> Response {
     let peer = peer.map(|axum::Extension(ConnectInfo(p))| p.0);
+    if let Some(locked) = locked_out(&state, peer) {
+        return locked;
+    }
     let token = form.token.trim();
     let cookie_safe = token
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"-_.~+/=".contains(&b));
     let principal = if cookie_safe {
+        state.auth.refresh_keys_for(token).await;
         state.auth.authenticate(token)
     } else {
         Err("the token holds characters no token has".into())
     };
     let refused = match principal {
         Ok(p) if p.has(Role::Read) => {
+            if let Some(peer) = peer {
+                state.login_limit.succeeded(peer.ip());
+            }
             tracing::info!(who = %p.name, "signed in to the web page");
             audit_request(
                 &state,
@@ -938,6 +1045,11 @@ pub async fn login(
         Err(why) => Rejection::Invalid(why),
     };
     tracing::info!(reason = %refused, "web page sign-in refused");
+    if let (Rejection::Invalid(_), Some(peer)) = (&refused, peer) {
+        if state.login_limit.failed(peer.ip()) {
+            tracing::warn!(peer = %peer.ip(), "too many failed sign-ins: the address is locked out of /login for http.login_lockout_secs");
+        }
+    }
     let (event_type, outcome, who) = match &refused {
         Rejection::Forbidden { who, .. } => {
             (EventType::HttpRequest, Outcome::Refused, who.as_str())
@@ -954,6 +1066,32 @@ pub async fn login(
         format!("sign-in refused: {refused}"),
     );
     refuse(&refused, true)
+}
+
+/// 429 with Retry-After (audited) while `peer` is locked out of `/login` after too many
+/// failed sign-ins; `None` when it may try.
+fn locked_out(state: &WebState, peer: Option<SocketAddr>) -> Option<Response> {
+    let peer = peer?;
+    let wait = state.login_limit.check(peer.ip()).err()?;
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    tracing::info!(peer = %peer.ip(), retry_after = secs, "sign-in refused: too many failed sign-ins from this address");
+    audit_request(
+        state,
+        Some(peer),
+        EventType::AuthFailure,
+        Outcome::Refused,
+        "unauthenticated",
+        "POST /login".into(),
+        format!("status 429: too many failed sign-ins from this address; retry after {secs} s"),
+    );
+    Some(
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, HeaderValue::from(secs))],
+            format!("Too many failed sign-ins from this address; try again in {secs} s.\n"),
+        )
+            .into_response(),
+    )
 }
 
 /// `POST /logout`: the cookie is cleared.

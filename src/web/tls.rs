@@ -1,11 +1,13 @@
 //! HTTPS on the HTTP port: rustls (ring provider), TLS 1.2 and 1.3 only, HTTP/1.1.
 //! Handshakes run in tasks of their own (with a time limit), so a slow or silent client never
 //! holds up the others; finished connections are handed to axum through [`TlsListener`].
+//! The certificate can be reloaded (SIGHUP, [`HttpsCertificate::reload`]): handshakes after
+//! it use the new one, connections already open keep theirs.
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rustls::ServerConfig;
@@ -31,6 +33,46 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
     Ok(Arc::new(config))
 }
 
+/// The HTTPS configuration of the port, replaced as a whole by [`HttpsCertificate::reload`].
+pub struct HttpsCertificate {
+    cert: PathBuf,
+    key: PathBuf,
+    current: RwLock<Arc<ServerConfig>>,
+}
+
+impl HttpsCertificate {
+    pub fn load(cert: &Path, key: &Path) -> Result<HttpsCertificate, TlsError> {
+        Ok(HttpsCertificate {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            current: RwLock::new(server_config(cert, key)?),
+        })
+    }
+
+    /// Read the files again; on an error the previous certificate stays in use.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = server_config(&self.cert, &self.key)?;
+        match self.current.write() {
+            Ok(mut current) => *current = fresh,
+            // A panic while holding the lock cannot leave a half-written Arc.
+            Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
+        Ok(())
+    }
+
+    /// The configuration of the next handshake.
+    pub fn current(&self) -> Arc<ServerConfig> {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn cert_path(&self) -> &Path {
+        &self.cert
+    }
+}
+
 /// TLS connections ready for HTTP, for `axum::serve`.
 pub struct TlsListener {
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
@@ -38,15 +80,14 @@ pub struct TlsListener {
 }
 
 impl TlsListener {
-    /// Accept on `tcp` until `stop`, handshaking with `config`.
+    /// Accept on `tcp` until `stop`, handshaking with the certificate current then.
     pub fn new(
         tcp: TcpListener,
-        config: Arc<ServerConfig>,
+        certificate: Arc<HttpsCertificate>,
         stop: CancellationToken,
     ) -> io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
-        let acceptor = TlsAcceptor::from(config);
         tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -63,7 +104,7 @@ impl TlsListener {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let (acceptor, tx) = (TlsAcceptor::from(certificate.current()), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {

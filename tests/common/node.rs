@@ -239,11 +239,20 @@ level = "info,anatomy_node=debug"
     }
 
     pub fn sigterm(&self) {
+        self.signal("-TERM");
+    }
+
+    /// SIGHUP: the node reloads its certificates.
+    pub fn sighup(&self) {
+        self.signal("-HUP");
+    }
+
+    fn signal(&self, which: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([which, &self.pid().to_string()])
             .status()
-            .expect("kill -TERM");
-        assert!(status.success());
+            .expect("kill");
+        assert!(status.success(), "kill {which}");
     }
 
     /// Wait for the process to end (after SIGTERM) and return its status.
@@ -262,6 +271,26 @@ level = "info,anatomy_node=debug"
 
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// A GET with an optional bearer token (asking for DICOM JSON): the status.
+    pub fn http_status(&self, path: &str, token: Option<&str>) -> u16 {
+        let mut s = TcpStream::connect(("127.0.0.1", self.http_port)).expect("HTTP port");
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Accept: application/dicom+json\r\n\
+             Connection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).expect("send request");
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
     }
 
     /// Minimal HTTP/1.1 GET on the node's HTTP port: (status, body).
