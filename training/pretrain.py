@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .augment import AugmentConfig, augment, preprocess
 from .data import Dataset, load as load_dataset
 from .model import build, count_parameters
+from .train import _lr_at
 
 PRETRAIN_FORMAT = "anatomy-pretrain-checkpoint/1"
 # Pairs closer than this along z say nothing about order (same slice, or overlapping ones).
@@ -162,13 +163,6 @@ def order_report(model, vol: Volumes, low: float, high: float, mm_per_unit: floa
             "median_distance_error_mm": float(err.median()) if len(err) else float("nan")}
 
 
-def _lr_at(step: int, total: int, base: float) -> float:
-    warmup = max(1, total // 20)
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def backbone_state(model) -> dict:
     """The weights `train --init` takes: everything but the head (fc)."""
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith("fc.")}
@@ -204,6 +198,7 @@ def run(cfg: PretrainConfig, log=print) -> dict:
     per_batch = cfg.series_per_batch * cfg.slices_per_series
     steps = max(1, math.ceil(train.images / per_batch))
     total = steps * cfg.epochs
+    warmup = max(1, total // 20)  # train's schedule: linear warm-up, then cosine decay
     gen = torch.Generator().manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +208,7 @@ def run(cfg: PretrainConfig, log=print) -> dict:
         t0, sums = time.perf_counter(), {"loss": 0.0, "order": 0.0, "distance": 0.0}
         for _ in range(steps):
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, cfg.lr)
+                g["lr"] = _lr_at(step, total, warmup, cfg.lr)
             idx = draw_batch(train, cfg.series_per_batch, cfg.slices_per_series, gen).to(device)
             x = augment(train.hu[idx.flatten()].float().unsqueeze(1), low, high, cfg.augment, gen)
             scores = model(x).view(idx.shape)

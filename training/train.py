@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import calibrate, metrics, nonaxial, pretrain
+from . import calibrate, metrics, nonaxial
 from .data import CLASSES, Dataset, load as load_dataset
 from .augment import AugmentConfig, augment, body_fill, preprocess
 from .model import build, count_parameters
@@ -311,7 +311,9 @@ def run(cfg: TrainConfig, log=print) -> dict:
     model = build({"num_classes": C, "width": cfg.width, "blocks": list(cfg.blocks), "dropout": cfg.dropout})
     log(f"model: {count_parameters(model):,} parameters, input [N,1,{S},{S}], classes {list(cfg.classes)}")
     if cfg.init:
-        copied = pretrain.load_backbone(cfg.init, model)
+        from .pretrain import load_backbone  # pretrain imports train's schedule
+
+        copied = load_backbone(cfg.init, model)
         log(f"backbone from {cfg.init}: {copied} tensors (self-supervised pre-training); head from scratch")
     model.to(device)
     if cfg.channels_last:
